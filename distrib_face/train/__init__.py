@@ -1,0 +1,1 @@
+"""distrib_face.train"""

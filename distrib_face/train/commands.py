@@ -1,0 +1,9 @@
+"""Subcommands contributed by ``distrib_face.train``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
+    """Add this package's subcommands (none yet)."""
