@@ -1,0 +1,613 @@
+"""The training configuration: typed sections, validation, YAML in, dotted overrides.
+
+A :class:`Config` is a tree of keyword-only dataclasses. Every section validates itself in
+``__post_init__`` and :class:`Config` checks the rules that span sections, so a bad value fails
+here, on the submitting machine, before any worker starts. Errors are :class:`ConfigError` and
+name the field path and the value::
+
+    ConfigError: optim.lr must be > 0, got -1.0
+
+Typical use::
+
+    cfg = load_config("configs/tiny_cpu.yaml", overrides=["optim.lr=0.05", "train.total_steps=20"])
+    cfg.to_dict()  # plain nested dict, round-trips through Config.from_dict
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _fail(path: str, rule: str, value: Any) -> None:
+    raise ConfigError(f"{path} {rule}, got {value!r}")
+
+
+def _check_choice(path: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(path: str, value: float | int) -> None:
+    if not value > 0:
+        _fail(path, "must be > 0", value)
+
+
+def _check_non_negative(path: str, value: float | int) -> None:
+    if not value >= 0:
+        _fail(path, "must be >= 0", value)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the training images come from and how they are decoded."""
+
+    source: Literal["shards", "random"] = "shards"
+    """``shards``: webdataset shards read by :func:`distrib_face.data.build_loader`; ``random``: fixed random
+    tensors made in memory (no files, no decoding), for benchmarks of the step alone and quick checks."""
+    shards: str | None = None
+    """A shard folder holding ``manifest.json``, or the manifest file itself (``source: shards``)."""
+    random_num_classes: int = 1000
+    """Number of identities when ``source: random``."""
+    random_num_samples: int = 4096
+    """Number of distinct random images when ``source: random`` (one epoch)."""
+    batch_size: int = 128
+    """Images per rank per micro-step (the global batch is ``batch_size x world_size x grad_accum``)."""
+    decoder: Literal["dali", "pil"] = "dali"
+    """JPEG decoder: the DALI pipeline (CPU here, ``mixed`` on a GPU device) or PIL."""
+    image_size: int = 112
+    """Side of the square images fed to the backbone (the shards are resized to it if they differ)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    dali_threads: int = 2
+    """DALI CPU threads per rank."""
+    rebalance: Literal["sqrt", "repeat_factor"] | None = None
+    """Long-tail re-sampling of identities: ``sqrt`` or ``repeat_factor``; ``None`` reads each image once an epoch."""
+    augment: bool | dict[str, Any] | None = None
+    """Augmentations passed to the loader (``None`` or ``false``: none; ``true``: the loader's defaults;
+    a mapping: the loader's options)."""
+    resampled: bool = False
+    """Draw shards with replacement (an endless stream) instead of epochs over the shard list."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("shards", "random"))
+        _check_choice("data.decoder", self.decoder, ("dali", "pil"))
+        _check_choice("data.rebalance", self.rebalance, (None, "sqrt", "repeat_factor"))
+        _check_positive("data.batch_size", self.batch_size)
+        _check_non_negative("data.num_workers", self.num_workers)
+        _check_positive("data.dali_threads", self.dali_threads)
+        _check_positive("data.random_num_classes", self.random_num_classes)
+        _check_positive("data.random_num_samples", self.random_num_samples)
+        if not 16 <= self.image_size <= 1024:
+            _fail("data.image_size", "must be in [16, 1024]", self.image_size)
+        if self.source == "shards" and not self.shards:
+            raise ConfigError("data.shards must name a shard folder or manifest when data.source is 'shards', got None")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The backbone (from the :mod:`distrib_face.models` registry) and its speed / memory switches."""
+
+    backbone: str = "iresnet50"
+    """Registered backbone name (``distrib-face`` lists them via ``distrib_face.models.list_backbones``)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the backbone constructor."""
+    embedding_size: int = 512
+    """Dimension of the face embedding."""
+    dropout: float = 0.0
+    """Dropout before the embedding layer."""
+    channels_last: bool = False
+    """Run the backbone and its inputs in ``torch.channels_last`` memory format."""
+    compile: bool = False
+    """``torch.compile`` the backbone."""
+    gradient_checkpointing: bool = False
+    """Recompute the activations of each residual stage in the backward pass (saves memory, costs ~30% time)."""
+
+    def __post_init__(self) -> None:
+        if not self.backbone:
+            _fail("model.backbone", "must name a registered backbone", self.backbone)
+        _check_positive("model.embedding_size", self.embedding_size)
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The margin softmax of the class-sharded classifier."""
+
+    margin: str = "arcface"
+    """Margin name: ``arcface``, ``cosface``, ``sphereface`` or ``combined``."""
+    scale: float | None = None
+    """Logit scale s (``None``: the margin's default, 64)."""
+    angular_margin: float | None = None
+    """Additive angular margin m2 (ArcFace); ``None``: the margin's default."""
+    additive_margin: float | None = None
+    """Additive cosine margin m3 (CosFace); ``None``: the margin's default."""
+    multiplicative_margin: float | None = None
+    """Multiplicative angular margin m1 (SphereFace); ``None``: the margin's default."""
+    sample_rate: float = 1.0
+    """Partial-FC: fraction of each rank's classes (all positives plus random negatives) used per step, in (0, 1]."""
+    chunk_size: int | None = None
+    """Classes per chunk of the logit computation (bounds the peak memory); ``None``: the classifier's default."""
+    compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """dtype of the logit matmul (``None``: the weight dtype, fp32)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.margin", self.margin, ("arcface", "cosface", "sphereface", "combined"))
+        if not 0.0 < self.sample_rate <= 1.0:
+            _fail("loss.sample_rate", "must be in (0, 1]", self.sample_rate)
+        if self.scale is not None:
+            _check_positive("loss.scale", self.scale)
+        for name in ("angular_margin", "additive_margin"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.6:
+                _fail(f"loss.{name}", "must be in [0, 1.6) (radians / cosine units)", value)
+        if self.multiplicative_margin is not None and self.multiplicative_margin < 1.0:
+            _fail("loss.multiplicative_margin", "must be >= 1", self.multiplicative_margin)
+        if self.chunk_size is not None:
+            _check_positive("loss.chunk_size", self.chunk_size)
+        _check_choice("loss.compute_dtype", self.compute_dtype, (None, "fp32", "bf16", "fp16"))
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimisers of the backbone (inside DeepSpeed) and of the classifier shards (outside it)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    """``sgd`` (with momentum) or ``adamw``; the same kind drives both the backbone and the classifier."""
+    lr: float = 0.1
+    """Peak learning rate of the backbone (after warm-up, before any batch scaling)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """Weight decay (L2 for SGD, decoupled for AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    classifier_lr_mult: float = 1.0
+    """The classifier's learning rate is ``lr x classifier_lr_mult``."""
+    scale_lr_by_batch: bool = False
+    """Multiply the learning rate by ``global_batch / reference_batch`` (the linear scaling rule)."""
+    reference_batch: int = 512
+    """The global batch ``lr`` was tuned for, used when ``scale_lr_by_batch`` is set."""
+    grad_clip: float | None = None
+    """Clip the gradient norm of the backbone (DeepSpeed) and of the classifier (global over shards) to this; ``None``: off."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_positive("optim.lr", self.lr)
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("optim.momentum", "must be in [0, 1)", self.momentum)
+        _check_non_negative("optim.weight_decay", self.weight_decay)
+        self.betas = tuple(self.betas)  # YAML gives a list
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("optim.betas", "must be two numbers in [0, 1)", self.betas)
+        _check_positive("optim.classifier_lr_mult", self.classifier_lr_mult)
+        _check_positive("optim.reference_batch", self.reference_batch)
+        if self.grad_clip is not None:
+            _check_positive("optim.grad_clip", self.grad_clip)
+        _check_positive("optim.grad_accum", self.grad_accum)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """The learning-rate schedule: linear warm-up, then ``poly``, ``cosine`` or ``steps`` decay, per optimiser step."""
+
+    kind: Literal["poly", "cosine", "steps"] = "poly"
+    """Decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up length in optimiser steps."""
+    warmup_epochs: float = 0.0
+    """Warm-up length in epochs (converted to steps; used when ``warmup_steps`` is 0)."""
+    power: float = 2.0
+    """Exponent of the ``poly`` decay: ``(1 - t) ** power``."""
+    min_lr_ratio: float = 0.0
+    """Floor of the ``poly`` and ``cosine`` decays as a fraction of the peak learning rate."""
+    milestones: list[int] = field(default_factory=list)
+    """``steps`` decay: optimiser steps at which the learning rate is multiplied by ``gamma``."""
+    milestone_epochs: list[float] = field(default_factory=list)
+    """``steps`` decay given in epochs instead (used when ``milestones`` is empty)."""
+    gamma: float = 0.1
+    """``steps`` decay factor."""
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule.kind", self.kind, ("poly", "cosine", "steps"))
+        _check_non_negative("schedule.warmup_steps", self.warmup_steps)
+        _check_non_negative("schedule.warmup_epochs", self.warmup_epochs)
+        _check_positive("schedule.power", self.power)
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            _fail("schedule.min_lr_ratio", "must be in [0, 1)", self.min_lr_ratio)
+        if not 0.0 < self.gamma <= 1.0:
+            _fail("schedule.gamma", "must be in (0, 1]", self.gamma)
+        for name in ("milestones", "milestone_epochs"):
+            values = list(getattr(self, name))
+            if any(v <= 0 for v in values) or values != sorted(values):
+                _fail(f"schedule.{name}", "must be positive and increasing", values)
+        if self.kind == "steps" and not (self.milestones or self.milestone_epochs):
+            raise ConfigError("schedule.milestones (or schedule.milestone_epochs) must be set for schedule.kind 'steps', got []")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """How DeepSpeed wraps the backbone (the classifier shards are never inside the engine)."""
+
+    zero_stage: int = 0
+    """ZeRO stage of the backbone's optimiser state (0: plain data parallel; 1: optimiser states; 2: + gradients; 3: + parameters)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Backbone precision. fp16 uses dynamic loss scaling and needs ``device: cuda``."""
+    loss_scale: float = 0.0
+    """fp16 static loss scale; 0 means dynamic."""
+    initial_scale_power: int = 16
+    """fp16 dynamic loss scale starts at ``2 ** initial_scale_power``."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the dynamic scale doubles."""
+    hysteresis: int = 2
+    """fp16: overflows tolerated before the scale is lowered."""
+    min_loss_scale: float = 1.0
+    """fp16: the dynamic scale never goes below this."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw keys merged into the generated DeepSpeed JSON config (an escape hatch; see docs/training.md)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail("deepspeed.zero_stage", "must be one of 0, 1, 2, 3", self.zero_stage)
+        _check_choice("deepspeed.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_non_negative("deepspeed.loss_scale", self.loss_scale)
+        _check_positive("deepspeed.loss_scale_window", self.loss_scale_window)
+        _check_positive("deepspeed.hysteresis", self.hysteresis)
+        _check_positive("deepspeed.min_loss_scale", self.min_loss_scale)
+        if "optimizer" in self.extra:
+            raise ConfigError(
+                "deepspeed.extra.optimizer is not allowed, got "
+                f"{self.extra['optimizer']!r}: the trainer passes a torch optimizer (a DeepSpeed optimizer block "
+                "JIT-builds FusedAdam, ~75 s); choose it with optim.name"
+            )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Length of the run, checkpoints, verification, logging and fault handling."""
+
+    total_steps: int | None = None
+    """Optimiser steps to train; exactly one of ``total_steps`` and ``epochs`` is set."""
+    epochs: float | None = None
+    """Epochs to train (converted to optimiser steps from the loader's length)."""
+    seed: int = 0
+    """Seed of the backbone initialisation, the classifier, the data order and the augmentations."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms(True)``: bit-reproducible runs on CPU, slower on GPU."""
+    output_dir: str = "runs/default"
+    """Folder for checkpoints, the final backbone, the ONNX export, plots and the DeepSpeed config."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many optimiser steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted; 0 keeps all)."""
+    resume: Literal["auto", "never"] | str = "auto"
+    """``auto``: continue from ``output_dir/checkpoints/latest`` when it exists; ``never``; or a checkpoint folder."""
+    init_backbone: str | None = None
+    """Fine-tuning: start the backbone from a ``backbone.pt`` (``save_backbone`` format) or one of our
+    checkpoint folders; the classifier starts fresh. Ignored when resuming."""
+    eval_every: int = 0
+    """Run verification every this many optimiser steps (0: only before and after training)."""
+    eval_pairsets: list[str] = field(default_factory=list)
+    """Pair-set files (``.npz``, see ``distrib_face.data.pairset``) verified during training."""
+    eval_batch_size: int = 64
+    """Images per forward pass during verification."""
+    eval_at_start: bool = True
+    """Also verify the untrained (or initial) backbone, for a before / after comparison."""
+    log_every: int = 10
+    """Log a progress line (and MLflow metrics) every this many optimiser steps."""
+    max_bad_steps: int = 5
+    """Abort after this many non-finite losses in a row (each is skipped and logged)."""
+    max_steps_this_run: int | None = None
+    """Stop (with a checkpoint) after this many optimiser steps in this process, without changing the schedule:
+    for time-sliced jobs and resume tests."""
+    export_onnx: bool = True
+    """Export the final backbone to ONNX (and log it to MLflow)."""
+    debug_nan_steps: list[int] = field(default_factory=list)
+    """Test hook: make the loss NaN at these micro-steps (0-based count of batches drawn)."""
+
+    def __post_init__(self) -> None:
+        if (self.total_steps is None) == (self.epochs is None):
+            raise ConfigError(
+                f"exactly one of train.total_steps and train.epochs must be set, got total_steps={self.total_steps!r} "
+                f"and epochs={self.epochs!r}"
+            )
+        if self.total_steps is not None:
+            _check_positive("train.total_steps", self.total_steps)
+        if self.epochs is not None:
+            _check_positive("train.epochs", self.epochs)
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every"):
+            _check_non_negative(f"train.{name}", getattr(self, name))
+        for name in ("eval_batch_size", "log_every", "max_bad_steps"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        if self.max_steps_this_run is not None:
+            _check_positive("train.max_steps_this_run", self.max_steps_this_run)
+        if not self.output_dir:
+            _fail("train.output_dir", "must be a folder path", self.output_dir)
+        if not self.resume:
+            _fail("train.resume", "must be 'auto', 'never' or a checkpoint folder", self.resume)
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    """Ray Train scaling (read by ``launch/ray_job.py``)."""
+
+    num_workers: int = 2
+    """Training workers (ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    storage_path: str | None = None
+    """Where Ray persists checkpoints and results (``None``: ``<train.output_dir>/ray``)."""
+    max_failures: int = 0
+    """Worker-group restarts Ray attempts after a failure (-1: unlimited)."""
+    address: str | None = None
+    """Ray cluster to join (``None``: the one the job was submitted to, or a local one)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("ray.num_workers", self.num_workers)
+        _check_positive("ray.cpus_per_worker", self.cpus_per_worker)
+        if self.max_failures < -1:
+            _fail("ray.max_failures", "must be >= -1", self.max_failures)
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow tracking (rank 0 only)."""
+
+    enabled: bool = True
+    """Log the run to MLflow."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (``None``: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``)."""
+    experiment: str = "distrib_face"
+    """Experiment name."""
+    run_name: str | None = None
+    """Run name (``None``: MLflow picks one)."""
+    run_id: str | None = None
+    """Continue this run instead of starting one (a resumed checkpoint's run id takes precedence)."""
+    artifact_location: str | None = None
+    """Artifact location of a new experiment (``None``: ``<train.output_dir>/mlartifacts``)."""
+    register_model: str | None = None
+    """Register the exported ONNX model in the model registry under this name (``None``: do not register)."""
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "deepspeed": DeepSpeedConfig,
+    "train": TrainConfig,
+    "ray": RayConfig,
+    "tracking": TrackingConfig,
+}
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole training configuration; :meth:`from_dict` / :meth:`to_dict` convert from / to plain dicts."""
+
+    data: DataConfig
+    """Training data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Margin softmax and partial FC."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisers."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine of the backbone."""
+    train: TrainConfig
+    """Run length, checkpoints, verification."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray Train scaling."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where each rank computes: ``cpu``, or ``cuda`` (the rank's local GPU)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, ("cpu", "cuda"))
+        if self.deepspeed.precision == "fp16" and self.device == "cpu":
+            raise ConfigError(
+                "deepspeed.precision must be 'fp32' or 'bf16' with device 'cpu', got 'fp16': DeepSpeed 0.19.8 "
+                "refuses fp16 on CPU ('Type fp16 is not supported on your device'); use bf16 or fp32 there"
+            )
+        if self.loss.compute_dtype == "fp16" and self.device == "cpu":
+            raise ConfigError("loss.compute_dtype must not be 'fp16' with device 'cpu', got 'fp16': use bf16 or fp32")
+        if self.ray.use_gpu and self.device != "cuda":
+            raise ConfigError(f"ray.use_gpu is true but device is {self.device!r}: set device: cuda to use the GPUs")
+
+    # ---------------------------------------------------------------- conversion
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """Build a validated config from a nested mapping (e.g. parsed YAML); unknown keys are refused."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_SECTIONS) - {"device"})
+        if unknown:
+            raise ConfigError(
+                f"unknown config section {unknown[0]!r} (known: {sorted([*_SECTIONS, 'device'])})"
+            )
+        for required in ("data", "train"):
+            if required not in data:
+                raise ConfigError(f"{required} section is required, got none")
+        kwargs: dict[str, Any] = {}
+        for name, section_cls in _SECTIONS.items():
+            if name in data:
+                kwargs[name] = _build_section(section_cls, data[name], name)
+        if "device" in data:
+            kwargs["device"] = _coerce("device", data["device"], str)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested dicts / lists / scalars (YAML- and JSON-serialisable)."""
+        out = {name: _to_plain(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
+        out["device"] = self.device
+        return out
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (``load_config`` reads it back to an equal config)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, overrides: Iterable[str]) -> "Config":
+        """A new validated config with dotted ``key=value`` overrides applied."""
+        return Config.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build_section(section_cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(section_cls)
+    fields = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key '{path}.{unknown[0]}' (known in {path}: {sorted(fields)})")
+    kwargs = {key: _coerce(f"{path}.{key}", value, hints[key]) for key, value in data.items()}
+    try:
+        return section_cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation (ints widen to floats); raise ConfigError naming ``path``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path} must be {_describe(annotation)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_coerce(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _describe(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    names = []
+    for arg in args:
+        if typing.get_origin(arg) is Literal:
+            names.append(" or ".join(repr(v) for v in typing.get_args(arg)))
+        else:
+            names.append(getattr(arg, "__name__", str(arg)))
+    optional = type(None) in typing.get_args(annotation)
+    return " or ".join(names) + (" or null" if optional else "")
+
+
+# -------------------------------------------------------------------- YAML and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"optim.lr=0.05"`` into ``(["optim", "lr"], 0.05)``; the value is parsed as a YAML scalar / list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override must look like section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested dict (a copy); keys are checked later by ``from_dict``."""
+    out = _to_plain(dict(data))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section, it is {child!r}")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides (``["optim.lr=0.05"]``) and validate it.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, or a value is invalid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.from_dict(apply_overrides(data, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
