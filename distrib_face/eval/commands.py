@@ -1,9 +1,156 @@
-"""Subcommands contributed by ``distrib_face.eval``."""
+"""Subcommands contributed by ``distrib_face.eval``: ``eval`` and ``pack-pairs``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import math
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add this package's subcommands (none yet)."""
+    """Add ``distrib-face eval`` and ``distrib-face pack-pairs``."""
+    p = sub.add_parser(
+        "eval",
+        help="verification metrics of a model on pair sets (and IJB templates)",
+        description="Embed each pair set with the model and print accuracy (10-fold), TAR@FAR, AUC and EER.",
+    )
+    p.add_argument("--model", required=True, help="an .onnx file, a backbone file (save_backbone) or a checkpoint folder with backbone.pt")
+    p.add_argument(
+        "--pairs",
+        action="append",
+        default=[],
+        metavar="P",
+        help="a pair-set .npz (pack-pairs), an insightface .bin, a pairs.txt or a folder with pairs.txt; repeatable",
+    )
+    p.add_argument("--images", default=None, help="image folder for a pairs.txt given with --pairs (default: its folder)")
+    p.add_argument("--ijb", default=None, metavar="ROOT", help="IJB root with meta/ and loose_crop/ (template verification)")
+    p.add_argument("--ijb-target", default="ijbc", help="IJB file prefix: ijbc or ijbb (default ijbc)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    p.add_argument("--device", default="cpu", help="torch device for a backbone (ONNX runs on the CPU provider)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--nfolds", type=int, default=10, help="folds of the accuracy protocol when a set has none")
+    p.add_argument("--roc", default=None, metavar="PNG", help="write all ROC curves into this PNG (log-scale FAR)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write results as JSON (to PATH, or stdout instead of the table)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "pack-pairs",
+        help="write a verification set (.bin or pairs.txt + images) as one pair-set file",
+        description="Read an insightface .bin (restricted unpickler) or an LFW-style pairs.txt with its image folder "
+        "and write one pair-set .npz that the trainer and `distrib-face eval` read.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bin", default=None, help="an insightface verification .bin (lfw.bin, cfp_fp.bin, ...)")
+    source.add_argument("--pairs", default=None, help="an LFW-style pairs.txt")
+    p.add_argument("--images", default=None, help="image folder for --pairs (default: the folder of pairs.txt)")
+    p.add_argument("--output", required=True, help="the pair-set file to write (.npz)")
+    p.add_argument("--name", default=None, help="the set's name (default: the .bin stem or the image folder name)")
+    p.set_defaults(func=_pack_pairs)
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def format_table(results: list[Any]) -> str:
+    """The results as a fixed-width text table (percentages), followed by the notes of each set."""
+    if not results:
+        return "(no results)"
+    fars = list(results[0].tar_at_far)
+    header = ["set", "pairs", "acc % (± std)", *[f"TAR@{far:.0e}" for far in fars], "AUC %", "EER %", "|f| mean±std"]
+    rows = []
+    for r in results:
+        norm = f"{r.norm_stats['mean']:.2f}±{r.norm_stats['std']:.2f}" if r.norm_stats else "-"
+        rows.append(
+            [
+                r.name,
+                str(r.num_pairs),
+                f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f}",
+                *[_fmt_pct(r.tar_at_far.get(far)) for far in fars],
+                _fmt_pct(r.auc),
+                _fmt_pct(r.eer),
+                norm,
+            ]
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        lines += [f"note ({r.name}): {note}" for note in r.notes]
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from distrib_face.eval.embed import evaluate_pairset, load_model
+    from distrib_face.eval.ijb import embed_ijb, evaluate_templates, read_ijb_protocol
+    from distrib_face.eval.plots import plot_roc
+    from distrib_face.eval.readers import load_any_pairs
+
+    if not args.pairs and not args.ijb:
+        print("distrib-face eval: give at least one --pairs or --ijb", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.model, device=args.device, num_threads=args.threads)
+        pairsets = [load_any_pairs(p, images_dir=args.images) for p in args.pairs]
+        protocol = read_ijb_protocol(args.ijb, args.ijb_target) if args.ijb else None
+    except (OSError, ValueError) as err:
+        print(f"distrib-face eval: {err}", file=sys.stderr)
+        return 2
+    results = []
+    for pairset in pairsets:
+        logger.info("evaluating %s: %d pairs", pairset.name, pairset.num_pairs)
+        results.append(
+            evaluate_pairset(
+                model, pairset, batch_size=args.batch_size, flip=not args.no_flip, nfolds=args.nfolds
+            )
+        )
+    if protocol is not None:
+        features = embed_ijb(model, protocol, batch_size=args.batch_size, flip=not args.no_flip)
+        results.append(evaluate_templates(features, protocol))
+    # two sets with one name (e.g. two pairs.txt in folders of the same name) keep separate curves
+    names: dict[str, int] = {}
+    for r in results:
+        names[r.name] = names.get(r.name, 0) + 1
+        if names[r.name] > 1:
+            r.name = f"{r.name}#{names[r.name]}"
+    if args.roc:
+        plot_roc({r.name: r for r in results}, args.roc, title=f"ROC: {args.model}")
+    payload = {"model": str(args.model), "flip": not args.no_flip, "results": [r.to_dict() for r in results]}
+    if args.json == "-":
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_table(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(payload, f, indent=2)
+    return 0
+
+
+def _pack_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrib_face.data.pairset import save_pairset
+    from distrib_face.eval.readers import read_bin, read_lfw_pairs
+
+    try:
+        if args.bin:
+            pairs = read_bin(args.bin, name=args.name)
+        else:
+            images = Path(args.images) if args.images else Path(args.pairs).parent
+            pairs = read_lfw_pairs(args.pairs, images, name=args.name)
+    except (OSError, ValueError) as err:
+        print(f"distrib-face pack-pairs: {err}", file=sys.stderr)
+        return 2
+    path = save_pairset(args.output, pairs)
+    folds = "none" if pairs.folds is None else str(len(set(pairs.folds.tolist())))
+    print(
+        f"wrote {path}: {pairs.name!r}, {pairs.num_pairs} pairs ({int(pairs.issame.sum())} same), "
+        f"{len(pairs.images)} images, folds: {folds}"
+    )
+    return 0
