@@ -1,0 +1,336 @@
+"""The class-sharded margin-softmax classifier (model parallel over classes, Partial FC sampling).
+
+Who holds what, per step (W ranks, B_r samples on rank r, B = sum B_r, C classes split in contiguous
+ranges of sizes differing by at most one):
+
+1. every rank all-gathers the embeddings ``[B, D]`` and labels ``[B]`` (one all-gather each; the
+   embeddings' backward is one reduce-scatter);
+2. rank r holds class weights ``[C_r (x K sub-centres), D]`` and computes cosines ``[B, C_r]`` in class
+   chunks, never the whole ``[B, C]`` matrix;
+3. the target logit of sample i is computed by the rank owning its class, with the margin, and summed
+   over ranks (a ``[B]`` all-reduce);
+4. the log-sum-exp over non-target classes is assembled from per-rank row max and sum of exponentials
+   (all-reduce MAX, then SUM, ``[B]`` each);
+5. loss = mean_i (logsumexp_i - target_logit_i), identical on every rank. No probability floor.
+
+The backward recomputes each chunk's logits (like activation checkpointing), so peak memory is
+``O(B x chunk_size)`` rather than ``O(B x C_r)``; gradients are exact (the margin's derivative included).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from distrib_face.losses.margins import Margin, MarginContext, MarginSpec, StepStats, create_margin
+from distrib_face.parallel.collectives import (
+    all_gather_variable,
+    all_reduce_sum_replicated_grad,
+    all_reduce_tensor,
+    gather_with_grad,
+    world_size_of,
+)
+from distrib_face.parallel.context import group_rank_and_size
+from distrib_face.parallel.shard import class_range, init_class_rows
+
+logger = logging.getLogger(__name__)
+
+_EPS = 1e-12
+
+
+def _normalize(x: Tensor) -> tuple[Tensor, Tensor]:
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return x / norms, norms
+
+
+def _cosines(
+    embeddings: Tensor, weight: Tensor, margin: Margin, num_subcenters: int, compute_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """Cosines ``[B, c]`` between rows and classes (max over sub-centres) and the feature norms ``[B, 1]``.
+
+    When the margin does not normalise weights the "cosine" carries the weight norm (a plain dot product
+    divided by the feature norm), which is what unnormalised-weight margins expect.
+    """
+    x_unit, x_norm = _normalize(embeddings)
+    w = _normalize(weight)[0] if margin.normalize_weights else weight
+    out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
+    if compute_dtype is not None and compute_dtype != x_unit.dtype:
+        cos = (x_unit.to(compute_dtype) @ w.to(compute_dtype).t()).to(out_dtype)
+    else:
+        cos = (x_unit @ w.t()).to(out_dtype)
+    if num_subcenters > 1:
+        cos = cos.view(cos.shape[0], -1, num_subcenters).amax(dim=-1)
+    return cos, x_norm.to(out_dtype)
+
+
+def _chunk_logits(
+    embeddings: Tensor,
+    weight_chunk: Tensor,
+    chunk_start: int,
+    target_col: Tensor,
+    margin: Margin,
+    ctx: MarginContext,
+    num_subcenters: int,
+    compute_dtype: torch.dtype | None,
+) -> Tensor:
+    """Non-target logits ``[B, c]`` of one class chunk; each row's own target (if here) is ``-inf``."""
+    cos, x_norm = _cosines(embeddings, weight_chunk, margin, num_subcenters, compute_dtype)
+    logits = margin.negative_logits(cos, MarginContext(x_norm, ctx.labels, ctx.target_cos))
+    cols = target_col - chunk_start
+    here = (cols >= 0) & (cols < logits.shape[1])
+    if bool(here.any()):
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        rows = here.nonzero(as_tuple=True)[0]
+        mask[rows, cols[rows]] = True
+        logits = logits.masked_fill(mask, float("-inf"))
+    return logits
+
+
+def _target_cosines(embeddings: Tensor, target_weight: Tensor, margin: Margin) -> tuple[Tensor, Tensor]:
+    """Cosine ``[n]`` of each row with its own class ``[n, K, D]`` (max over sub-centres), and norms ``[n, 1]``.
+
+    Always in the statistics dtype: the target logit is the one number per row that must be exact.
+    """
+    x_unit, x_norm = _normalize(embeddings)
+    w = _normalize(target_weight)[0] if margin.normalize_weights else target_weight
+    return torch.einsum("nd,nkd->nk", x_unit, w.to(x_unit.dtype)).amax(dim=-1), x_norm
+
+
+class _ShardedNegativeLogSumExp(torch.autograd.Function):
+    """log(exp(T_i) + sum over all ranks' non-target classes of exp(logit_ij)), chunked and recomputed."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        embeddings: Tensor,
+        weight: Tensor,
+        target_logits: Tensor,
+        target_col: Tensor,
+        margin: Margin,
+        mctx: MarginContext,
+        num_subcenters: int,
+        chunk_size: int,
+        compute_dtype: torch.dtype | None,
+        group: Any,
+    ) -> Tensor:
+        num_rows = embeddings.shape[0]
+        num_classes_here = weight.shape[0] // num_subcenters
+        stat_dtype = target_logits.dtype
+        row_max = torch.full((num_rows,), float("-inf"), dtype=stat_dtype, device=embeddings.device)
+        row_sum = torch.zeros((num_rows,), dtype=stat_dtype, device=embeddings.device)
+        for c0 in range(0, num_classes_here, chunk_size):
+            c1 = min(c0 + chunk_size, num_classes_here)
+            logits = _chunk_logits(
+                embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
+                num_subcenters, compute_dtype,
+            ).to(stat_dtype)
+            new_max = torch.maximum(row_max, logits.amax(dim=1))
+            safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max[:, None]).sum(dim=1)
+            row_max = new_max
+        # Softmax statistics over every rank: one MAX then one SUM all-reduce of [B] each.
+        global_max = row_max.clone()
+        if world_size_of(group) > 1:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        safe_global = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+        row_sum = torch.where(torch.isfinite(row_max), row_sum * torch.exp(row_max - safe_global), torch.zeros_like(row_sum))
+        if world_size_of(group) > 1:
+            dist.all_reduce(row_sum, op=dist.ReduceOp.SUM, group=group)
+        top = torch.maximum(safe_global, target_logits)
+        lse = top + torch.log(row_sum * torch.exp(safe_global - top) + torch.exp(target_logits - top))
+        ctx.save_for_backward(embeddings, weight, target_logits, target_col, lse)
+        ctx.margin, ctx.mctx, ctx.num_subcenters = margin, mctx, num_subcenters
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        return lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+        embeddings, weight, target_logits, target_col, lse = ctx.saved_tensors
+        k = ctx.num_subcenters
+        grad_target = grad_lse * torch.exp(target_logits - lse)
+        grad_embeddings = torch.zeros_like(embeddings)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        emb_leaf = embeddings.detach().requires_grad_(True)
+        for c0 in range(0, weight.shape[0] // k, ctx.chunk_size):
+            c1 = min(c0 + ctx.chunk_size, weight.shape[0] // k)
+            w_leaf = weight[c0 * k: c1 * k].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = _chunk_logits(
+                    emb_leaf, w_leaf, c0, target_col, ctx.margin, ctx.mctx, k, ctx.compute_dtype
+                )
+                probs = torch.exp(logits.detach().to(lse.dtype) - lse[:, None]) * grad_lse[:, None]
+                g_emb, g_w = torch.autograd.grad(logits, (emb_leaf, w_leaf), probs.to(logits.dtype))
+            grad_embeddings += g_emb
+            if grad_weight is not None:
+                grad_weight[c0 * k: c1 * k] = g_w
+        return grad_embeddings, grad_weight, grad_target, None, None, None, None, None, None, None
+
+
+class ShardedMarginClassifier(nn.Module):
+    """A margin-softmax classifier whose weight matrix is split by class over the ranks of ``group``.
+
+    Args:
+        num_classes: total number of identities ``C``.
+        embedding_size: embedding dimension ``D``.
+        margin: a margin name (paper defaults), a :class:`MarginSpec`, or a :class:`Margin`.
+        sample_rate: Partial FC rate; ``< 1`` keeps each step every class of this shard that is a target
+            in the global batch plus uniformly sampled negatives, up to ``ceil(sample_rate * C_local)``.
+        group: the process group of the class shards (``None``: the default group or a world of 1).
+        dtype: storage dtype of the weights (float32; float64 for reference tests).
+        device: where the shard lives.
+        seed: weights are ``N(0, 0.01)`` drawn per class block from ``seed``: the same matrix at any world size.
+        chunk_size: classes per chunk of the logit computation (bounds peak memory).
+        compute_dtype: dtype of the cosine matmuls (e.g. ``torch.bfloat16``); softmax statistics stay float32+.
+        embedding_grad_scale: multiplies the embeddings' gradient; set it to the data-parallel world size
+            when the backbone's gradients are averaged over ranks (DeepSpeed / DDP), as arcface_torch does.
+        num_subcenters: ``K`` sub-centres per class (kept on the same shard; the cosine is their max).
+
+    Example:
+        ``loss = clf(local_embeddings, local_labels)`` returns the mean loss over the global batch,
+        identical on every rank; ``loss.backward()`` fills the local embeddings' gradient with exactly
+        what one process holding the whole matrix would compute.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: str | MarginSpec | Margin = "arcface",
+        sample_rate: float = 1.0,
+        group: dist.ProcessGroup | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        chunk_size: int = 65536,
+        compute_dtype: torch.dtype | None = None,
+        embedding_grad_scale: float = 1.0,
+        num_subcenters: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
+        self.group = group
+        self.rank, self.world_size = group_rank_and_size(group)
+        self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
+        self.class_range = class_range(self.num_classes, self.rank, self.world_size)
+        self.num_local_classes = self.class_range[1] - self.class_range[0]
+        self.num_subcenters = int(num_subcenters)
+        self.sample_rate, self.seed, self.chunk_size = float(sample_rate), int(seed), int(chunk_size)
+        self.compute_dtype, self.embedding_grad_scale = compute_dtype, float(embedding_grad_scale)
+        self.margin = create_margin(margin)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        rows = init_class_rows(
+            *self.class_range, (self.num_subcenters, self.embedding_size), seed=self.seed, dtype=dtype, device=device
+        )
+        # [C_local * K, D]: sub-centres of a class are adjacent rows.
+        self.weight = nn.Parameter(rows.view(-1, self.embedding_size))
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64), persistent=True)
+        self._active: tuple[Tensor | None, Tensor] | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_sampled(self) -> int:
+        """Classes this shard keeps per step when sampling: ``ceil(sample_rate * C_local)``."""
+        return min(self.num_local_classes, math.ceil(self.sample_rate * self.num_local_classes))
+
+    def sample_classes(self, local_positive: Tensor, step: int) -> Tensor:
+        """Sorted local class indices kept this step: all ``local_positive`` plus uniform negatives.
+
+        Deterministic in ``(seed, rank, step)``, so a resumed run samples what the original would have.
+        """
+        num = self.num_sampled
+        positives = torch.unique(local_positive)
+        if positives.numel() >= num:
+            return positives
+        gen = torch.Generator(device=self.weight.device)
+        gen.manual_seed((self.seed * 1_000_003 + self.rank * 7919 + step * 104_729 + 1) & ((1 << 63) - 1))
+        scores = torch.rand(self.num_local_classes, generator=gen, device=self.weight.device)
+        scores[positives] = 2.0  # above any uniform draw: positives always win
+        return torch.topk(scores, num, sorted=False).indices.sort().values
+
+    def active_rows(self) -> tuple[Tensor | None, Tensor]:
+        """``(class_index, weight_rows)`` of the last forward: ``class_index`` None means all classes.
+
+        With sampling, ``weight_rows`` is a leaf holding the sampled rows; its ``.grad`` is what
+        :class:`~distrib_face.parallel.optim.ShardOptimizer` applies to those rows only.
+        """
+        if self._active is None:
+            raise RuntimeError("no forward pass yet: active_rows() is defined after calling the classifier")
+        return self._active
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
+        """Mean margin-softmax loss over the global batch.
+
+        Args:
+            local_embeddings: ``[B_local, D]`` this rank's embeddings (any ``B_local``, 0 allowed).
+            local_labels: ``[B_local]`` their global class labels in ``[0, num_classes)``.
+
+        Returns:
+            A scalar, the same on every rank.
+        """
+        if local_embeddings.ndim != 2 or local_embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must be [B, {self.embedding_size}], got {tuple(local_embeddings.shape)}"
+            )
+        if local_labels.shape[0] != local_embeddings.shape[0]:
+            raise ValueError(f"{local_labels.shape[0]} labels for {local_embeddings.shape[0]} embeddings")
+        stat_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        embeddings = gather_with_grad(local_embeddings.to(stat_dtype), self.group, self.embedding_grad_scale)
+        labels = all_gather_variable(local_labels.to(torch.int64), self.group)  # [B_global]
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise ValueError(f"label {bad} outside [0, {self.num_classes})")
+        start, stop = self.class_range
+        owned = (labels >= start) & (labels < stop)
+        local_target = torch.where(owned, labels - start, torch.zeros_like(labels))
+        k = self.num_subcenters
+
+        if self.training and self.sample_rate < 1.0:
+            index = self.sample_classes(local_target[owned], int(self.sample_step))
+            rows = (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
+            weight = self.weight.detach()[rows].requires_grad_(True)  # [C_sampled * K, D] leaf
+            local_target = torch.searchsorted(index, local_target)
+            self.sample_step += 1
+        else:
+            index, weight = None, self.weight
+        self._active = (index, weight)
+        target_col = torch.where(owned, local_target, torch.full_like(local_target, -1))
+
+        # Target logits on the owning rank, with autograd; summed over ranks into [B_global].
+        own_rows = owned.nonzero(as_tuple=True)[0]
+        target_weight = weight.view(-1, k, self.embedding_size)[local_target[own_rows]]  # [n, K, D]
+        cos_target, norms = _target_cosines(embeddings[own_rows], target_weight, self.margin)
+        num_rows = embeddings.shape[0]
+        cos_all = torch.zeros(num_rows, dtype=stat_dtype, device=embeddings.device)
+        cos_all = all_reduce_tensor(cos_all.index_put((own_rows,), cos_target.detach()), "sum", self.group)
+        self.margin.begin_step(StepStats(target_cos=cos_all, training=self.training))
+        mctx = MarginContext(feature_norms=norms, labels=labels[own_rows], target_cos=cos_all[own_rows])
+        target_local = self.margin.target_logit(cos_target, mctx).to(stat_dtype)
+        target_logits = torch.zeros(num_rows, dtype=stat_dtype, device=embeddings.device).index_put(
+            (own_rows,), target_local
+        )
+        target_logits = all_reduce_sum_replicated_grad(target_logits, self.group)
+
+        neg_ctx = MarginContext(feature_norms=None, labels=labels, target_cos=cos_all)  # norms: per chunk
+        lse = _ShardedNegativeLogSumExp.apply(
+            embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunk_size,
+            self.compute_dtype, self.group,
+        )
+        return (lse - target_logits).mean() if num_rows else lse.sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"class_range={self.class_range}, rank={self.rank}/{self.world_size}, "
+            f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, margin={self.margin.spec.name}"
+        )

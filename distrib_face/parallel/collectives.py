@@ -1,0 +1,154 @@
+"""Collectives, with autograd where the classifier needs it.
+
+Every function takes ``group`` (``None``: the default group) and degrades to the identity in a world of
+1 or when no process group is initialised. The single-collective forms are used throughout
+(``all_gather_single`` / ``reduce_scatter_single``, or their older ``*_tensor`` names).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from distrib_face.parallel.context import group_rank_and_size
+
+# torch >= 2.13 names them *_single and deprecates *_tensor; older releases (the GPU image's 2.11) lack *_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def world_size_of(group: dist.ProcessGroup | None) -> int:
+    """Number of ranks in ``group`` (1 without a process group)."""
+    return group_rank_and_size(group)[1]
+
+
+def gather_sizes(local_size: int, group: dist.ProcessGroup | None, device: torch.device) -> list[int]:
+    """Every rank's ``local_size``, in rank order (one small all-gather)."""
+    world = world_size_of(group)
+    if world == 1:
+        return [local_size]
+    mine = torch.tensor([local_size], dtype=torch.int64, device=device)
+    everyone = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather_single(everyone, mine, group=group)
+    return everyone.tolist()
+
+
+def _padded_gather(local: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """All-gather rows of different counts: pad to the largest, one all-gather, drop the padding."""
+    max_rows = max(sizes)
+    padded = local.new_zeros((max_rows, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    out = local.new_empty((len(sizes) * max_rows, *local.shape[1:]))
+    _all_gather_single(out, padded.contiguous(), group=group)
+    if all(s == max_rows for s in sizes):
+        return out
+    return torch.cat([out[r * max_rows: r * max_rows + s] for r, s in enumerate(sizes)])
+
+
+def all_gather_variable(local: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Concatenate every rank's ``local`` along dim 0 in rank order (sizes may differ; no autograd)."""
+    if world_size_of(group) == 1:
+        return local
+    sizes = gather_sizes(local.shape[0], group, local.device)
+    return _padded_gather(local.detach(), sizes, group)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: padded all-gather. Backward: one reduce-scatter (sum over ranks), then this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, sizes: list[int], rank: int, group: Any, grad_scale: float) -> Tensor:
+        ctx.sizes, ctx.rank, ctx.group, ctx.grad_scale = sizes, rank, group, grad_scale
+        return _padded_gather(local, sizes, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad_global: Tensor) -> tuple[Tensor | None, ...]:
+        sizes, max_rows = ctx.sizes, max(ctx.sizes)
+        padded = grad_global.new_zeros((len(sizes) * max_rows, *grad_global.shape[1:]))
+        offset = 0
+        for r, s in enumerate(sizes):
+            padded[r * max_rows: r * max_rows + s] = grad_global[offset: offset + s]
+            offset += s
+        mine = grad_global.new_empty((max_rows, *grad_global.shape[1:]))
+        _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad_local = mine[: sizes[ctx.rank]]
+        if ctx.grad_scale != 1.0:
+            grad_local = grad_local * ctx.grad_scale
+        return grad_local, None, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def gather_with_grad(local: Tensor, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0) -> Tensor:
+    """All-gather rows (sizes may differ per rank) so that gradients flow back to their owners.
+
+    The backward is a single reduce-scatter: rank r receives the sum over all ranks of the gradient
+    with respect to its rows, times ``grad_scale``.
+    """
+    rank, world = group_rank_and_size(group)
+    if world == 1:
+        return _ScaleGrad.apply(local, float(grad_scale)) if grad_scale != 1.0 else local
+    sizes = gather_sizes(local.shape[0], group, local.device)
+    return _GatherWithGrad.apply(local.contiguous(), sizes, rank, group, float(grad_scale))
+
+
+class _AllReduceSumSameGrad(torch.autograd.Function):
+    """Sum over ranks whose result feeds a loss every rank computes identically.
+
+    Every rank then holds the same gradient w.r.t. the sum, which is exactly the gradient w.r.t. its own
+    addend: the backward is the identity, with no communication.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def all_reduce_sum_replicated_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Differentiable all-reduce (sum) for values that feed a loss replicated on every rank."""
+    if world_size_of(group) == 1:
+        return tensor
+    return _AllReduceSumSameGrad.apply(tensor, group)
+
+
+def all_reduce_tensor(tensor: Tensor, op: str = "sum", group: dist.ProcessGroup | None = None) -> Tensor:
+    """Reduce ``tensor`` over ranks (``"sum"``, ``"max"``, ``"min"`` or ``"mean"``); returns a new tensor."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
+    if op not in ops:
+        raise ValueError(f"all_reduce op must be one of {sorted(ops)}, got {op!r}")
+    out = tensor.detach().clone()
+    world = world_size_of(group)
+    if world > 1:
+        dist.all_reduce(out, op=ops[op], group=group)
+    if op == "mean":
+        out = out / world
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Send a small picklable object from rank ``src`` to every rank (our own ranks only, never untrusted)."""
+    if world_size_of(group) == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]

@@ -1,0 +1,57 @@
+"""Shard arithmetic: which classes a rank holds, and weights drawn identically at any world size."""
+
+from __future__ import annotations
+
+import torch
+
+#: Classes per initialisation block. Each block is drawn from its own generator seeded by (seed, block),
+#: so a rank draws only the blocks it overlaps and the result does not depend on the world size.
+INIT_BLOCK_CLASSES = 8192
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK63 = (1 << 63) - 1
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of the classes rank ``rank`` holds: contiguous, sizes differ by at most one.
+
+    The first ``num_classes % world_size`` ranks hold one class more.
+    """
+    if num_classes < world_size:
+        raise ValueError(f"num_classes ({num_classes}) must be >= world size ({world_size}): every rank holds a class")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The generator seed of initialisation block ``block`` (a 63-bit mix of ``seed`` and ``block``)."""
+    return ((seed * _GOLDEN) ^ (block * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB)) & _MASK63
+
+
+def init_class_rows(
+    start: int,
+    stop: int,
+    row_shape: tuple[int, ...],
+    seed: int,
+    std: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Weights of classes ``[start, stop)``, ``N(0, std)``, shape ``[stop - start, *row_shape]``.
+
+    Identical to rows ``start:stop`` of the matrix one process would draw for all classes (on the same
+    device type), without drawing any class outside the range beyond the overlapped blocks.
+    """
+    device = torch.device(device)
+    out = torch.empty((stop - start, *row_shape), dtype=dtype, device=device)
+    first_block, last_block = start // INIT_BLOCK_CLASSES, (stop - 1) // INIT_BLOCK_CLASSES
+    gen = torch.Generator(device=device)
+    for block in range(first_block, last_block + 1):
+        b0 = block * INIT_BLOCK_CLASSES
+        gen.manual_seed(block_seed(seed, block))
+        values = torch.randn((INIT_BLOCK_CLASSES, *row_shape), generator=gen, dtype=torch.float32, device=device)
+        lo, hi = max(start, b0), min(stop, b0 + INIT_BLOCK_CLASSES)
+        out[lo - start: hi - start] = (values[lo - b0: hi - b0] * std).to(dtype)
+    return out
