@@ -79,14 +79,15 @@ class TorchEmbedder:
     Args:
         module: maps float [N, 3, H, W] to [N, D].
         device: where inputs go; ``None`` means the device of the module's first parameter.
-        input_size: (height, width) the module expects.
+        input_size: (height, width) the module expects; default: the module's ``input_size`` attribute
+            (our backbones have one), else 112 x 112.
     """
 
     def __init__(
         self,
         module: "torch.nn.Module",
         device: "str | torch.device | None" = None,
-        input_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        input_size: tuple[int, int] | None = None,
     ) -> None:
         import torch
 
@@ -94,6 +95,9 @@ class TorchEmbedder:
         first = next(module.parameters(), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else "cpu")
         self.dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        if input_size is None:
+            side = getattr(module, "input_size", None)
+            input_size = (side, side) if isinstance(side, int) else tuple(side) if side else DEFAULT_IMAGE_SIZE
         self.input_size = input_size
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
