@@ -126,7 +126,7 @@ class LossConfig:
     """The margin softmax of the class-sharded classifier."""
 
     margin: str = "arcface"
-    """Margin name: ``arcface``, ``cosface``, ``sphereface`` or ``combined``."""
+    """Margin name from the :mod:`distrib_face.losses` registry: ``arcface``, ``cosface``, ``sphereface``, ``combined``..."""
     scale: float | None = None
     """Logit scale s (``None``: the margin's default, 64)."""
     angular_margin: float | None = None
@@ -135,6 +135,8 @@ class LossConfig:
     """Additive cosine margin m3 (CosFace); ``None``: the margin's default."""
     multiplicative_margin: float | None = None
     """Multiplicative angular margin m1 (SphereFace); ``None``: the margin's default."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Margin-specific extras (e.g. ``easy_margin``), passed to the margin."""
     sample_rate: float = 1.0
     """Partial-FC: fraction of each rank's classes (all positives plus random negatives) used per step, in (0, 1]."""
     chunk_size: int | None = None
@@ -143,7 +145,9 @@ class LossConfig:
     """dtype of the logit matmul (``None``: the weight dtype, fp32)."""
 
     def __post_init__(self) -> None:
-        _check_choice("loss.margin", self.margin, ("arcface", "cosface", "sphereface", "combined"))
+        from distrib_face.losses.margins import list_margins  # the registry is the source of truth
+
+        _check_choice("loss.margin", self.margin, list_margins())
         if not 0.0 < self.sample_rate <= 1.0:
             _fail("loss.sample_rate", "must be in (0, 1]", self.sample_rate)
         if self.scale is not None:
@@ -431,6 +435,18 @@ class Config:
             )
         if self.loss.compute_dtype == "fp16" and self.device == "cpu":
             raise ConfigError("loss.compute_dtype must not be 'fp16' with device 'cpu', got 'fp16': use bf16 or fp32")
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "deepspeed.zero_stage must be 0, 1 or 2 for training, got 3: stage 3 partitions the backbone's "
+                "parameters, which in-training verification and the consolidated backbone.pt read whole; the "
+                "backbones here fit one device, so stage 2 gives the optimiser- and gradient-memory savings"
+            )
+        if self.optim.grad_accum > 1 and self.loss.sample_rate < 1.0:
+            raise ConfigError(
+                f"optim.grad_accum must be 1 when loss.sample_rate < 1, got {self.optim.grad_accum}: Partial FC samples "
+                "new classifier rows every micro-batch, so their gradients cannot be accumulated; raise data.batch_size "
+                "or use sample_rate 1.0"
+            )
         if self.ray.use_gpu and self.device != "cuda":
             raise ConfigError(f"ray.use_gpu is true but device is {self.device!r}: set device: cuda to use the GPUs")
 
