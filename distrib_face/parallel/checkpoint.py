@@ -196,7 +196,9 @@ def load_shard_from_dir(directory: str | os.PathLike, classifier: ShardedMarginC
     with torch.no_grad():
         weight.copy_(part["weight"].reshape(weight.shape).to(weight.dtype))
     classifier.margin.load_state_dict(sources[0].payload["margin_state"])
+    # The sampling stream is part of the training state: a resumed run draws what the original would have.
     classifier.sample_step.fill_(int(sources[0].payload["sample_step"]))
+    classifier.seed = int(sources[0].meta["seed"])
     if optimizer is not None:
         opt = part["optimizer"]
         optimizer.load_state_dict({

@@ -1,0 +1,106 @@
+"""Single-process checks of the classifier's pieces: shard arithmetic, initialisation, gradcheck,
+the shard optimizer against torch.optim, and checkpoint validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distrib_face.parallel import ShardedMarginClassifier
+from distrib_face.parallel.checkpoint import load_shard_from_dir, save_shard
+from distrib_face.parallel.optim import ShardOptimizer
+from distrib_face.parallel.shard import INIT_BLOCK_CLASSES, class_range, init_class_rows
+
+
+@pytest.mark.parametrize("num_classes,world", [(10, 3), (23, 4), (7, 7), (100, 1), (2 * INIT_BLOCK_CLASSES + 5, 3)])
+def test_class_ranges_cover_once_and_differ_by_at_most_one(num_classes, world):
+    ranges = [class_range(num_classes, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_class_range_rejects_more_ranks_than_classes():
+    with pytest.raises(ValueError, match=r"num_classes \(3\) must be >= world size \(4\)"):
+        class_range(3, 0, 4)
+
+
+def test_initialisation_is_independent_of_world_size():
+    num_classes = 2 * INIT_BLOCK_CLASSES + 77  # ranges straddle block boundaries
+    full = init_class_rows(0, num_classes, (4,), seed=11)
+    for world in (2, 3, 5):
+        parts = [init_class_rows(*class_range(num_classes, r, world), (4,), seed=11) for r in range(world)]
+        assert torch.equal(torch.cat(parts), full)
+    assert abs(float(full.std()) - 0.01) < 5e-4  # N(0, 0.01)
+    assert not torch.equal(init_class_rows(0, 10, (4,), seed=12), full[:10])
+
+
+def test_gradcheck_through_chunked_classifier():
+    clf = ShardedMarginClassifier(9, 5, margin="arcface", dtype=torch.float64, chunk_size=2, seed=1)
+    clf.margin.scale = 4.0
+    labels = torch.tensor([0, 3, 8, 3])
+    emb = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weight = clf.weight.detach().clone().requires_grad_(True)
+
+    def loss_fn(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(clf, {"weight": w}, (e, labels))
+
+    assert torch.autograd.gradcheck(loss_fn, (emb, weight), eps=1e-6, atol=1e-7)
+
+
+def test_bf16_compute_dtype_stays_close_to_fp32():
+    torch.manual_seed(0)
+    ref = ShardedMarginClassifier(300, 32, margin="cosface", chunk_size=64)
+    low = ShardedMarginClassifier(300, 32, margin="cosface", chunk_size=64, compute_dtype=torch.bfloat16)
+    emb, labels = torch.randn(16, 32), torch.randint(0, 300, (16,))
+    assert float(low(emb, labels)) == pytest.approx(float(ref(emb, labels)), rel=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw"])
+def test_shard_optimizer_matches_torch_optim_without_sampling(kind):
+    torch.manual_seed(0)
+    clf = ShardedMarginClassifier(13, 6, margin="cosface", dtype=torch.float64)
+    mirror = torch.nn.Parameter(clf.weight.detach().clone())
+    if kind == "adamw":
+        opt = ShardOptimizer(clf, "adamw", lr=0.01, weight_decay=0.1)
+        ref = torch.optim.AdamW([mirror], lr=0.01, weight_decay=0.1)
+    else:
+        nesterov = kind == "sgd_nesterov"
+        opt = ShardOptimizer(clf, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+        ref = torch.optim.SGD([mirror], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    for _ in range(4):
+        emb, labels = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 13, (8,))
+        clf(emb, labels).backward()
+        mirror.grad = clf.weight.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        torch.testing.assert_close(clf.weight.detach(), mirror.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_shard_optimizer_works_with_torch_lr_schedulers():
+    clf = ShardedMarginClassifier(5, 4)
+    opt = ShardOptimizer(clf, "sgd", lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for _ in range(3):
+        clf(torch.randn(2, 4), torch.tensor([0, 1])).backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
+
+
+def test_loading_a_shard_that_does_not_fit_names_both_values(tmp_path):
+    save_shard(tmp_path, ShardedMarginClassifier(10, 8))
+    with pytest.raises(ValueError, match="num_classes=10, the classifier has num_classes=12"):
+        load_shard_from_dir(tmp_path, ShardedMarginClassifier(12, 8))
+    with pytest.raises(ValueError, match="embedding_size=8, the classifier has embedding_size=16"):
+        load_shard_from_dir(tmp_path, ShardedMarginClassifier(10, 16))
+
+
+def test_bad_labels_and_shapes_are_named():
+    clf = ShardedMarginClassifier(10, 8)
+    with pytest.raises(ValueError, match="label 10 outside"):
+        clf(torch.randn(2, 8), torch.tensor([1, 10]))
+    with pytest.raises(ValueError, match=r"embeddings must be \[B, 8\], got \(2, 4\)"):
+        clf(torch.randn(2, 4), torch.tensor([1, 2]))
