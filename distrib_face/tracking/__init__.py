@@ -1,1 +1,67 @@
-"""distrib_face.tracking"""
+"""Experiment tracking: MLflow on rank 0 (a no-op tracker elsewhere), metric aggregation across ranks, plots.
+
+Usage in a training process::
+
+    tracker = create_tracker(enabled=ctx.rank == 0, tracking_uri=None, experiment="distrib_face",
+                             run_id=resumed_run_id, artifact_location=output_dir)
+    tracker.log_params(cfg.to_dict())
+    ...
+    tracker.end()
+
+MLflow is imported only when a real tracker is created.
+"""
+
+from __future__ import annotations
+
+from distrib_face.tracking.base import NoOpTracker, Tracker
+from distrib_face.tracking.metrics import MetricAggregator
+from distrib_face.tracking.params import flatten_params, is_secret_key, redact
+from distrib_face.tracking.plots import class_size_histogram, plot_class_histogram, plot_loss_curve
+
+__all__ = [
+    "MetricAggregator",
+    "NoOpTracker",
+    "Tracker",
+    "class_size_histogram",
+    "create_tracker",
+    "flatten_params",
+    "is_secret_key",
+    "plot_class_histogram",
+    "plot_loss_curve",
+    "redact",
+]
+
+
+def create_tracker(
+    enabled: bool,
+    tracking_uri: str | None,
+    experiment: str,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    artifact_location: str | None = None,
+) -> Tracker:
+    """The tracker for this process: an MLflow run when ``enabled`` (rank 0), else a :class:`NoOpTracker`.
+
+    Args:
+        enabled: False on every rank but 0, or with tracking switched off.
+        tracking_uri: MLflow tracking URI; None means ``MLFLOW_TRACKING_URI`` or else
+            ``sqlite:///mlruns.db`` (relative paths are resolved against the current directory).
+        experiment: experiment name (created when missing).
+        run_id: continue this existing run (same id, status back to RUNNING), e.g. after a Ray restart.
+        run_name: display name for a new run.
+        artifact_location: artifact folder of a new experiment (local stores; defaults to
+            ``mlartifacts/`` beside the sqlite database).
+
+    Returns:
+        A :class:`Tracker`.
+
+    Raises:
+        distrib_face.tracking.mlflow_tracker.TrackingError: ``run_id`` not found, or the store refuses.
+    """
+    if not enabled:
+        return NoOpTracker()
+    from distrib_face.tracking.mlflow_tracker import MLflowTracker
+
+    return MLflowTracker(
+        tracking_uri, experiment, run_id=run_id, run_name=run_name, artifact_location=artifact_location
+    )

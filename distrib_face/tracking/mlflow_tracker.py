@@ -1,0 +1,349 @@
+"""The MLflow tracker: one run per training job, continued (same run id) when a restarted job resumes.
+
+Only rank 0 creates one (``create_tracker(enabled=rank == 0, ...)``). Talks to MLflow through an
+``MlflowClient`` bound to the tracker's URI, so several trackers in one process do not share state; the one
+exception is :meth:`MLflowTracker.log_onnx_model`, whose MLflow API resolves the URI and experiment from
+the process-wide fluent state (it sets them to this tracker's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from distrib_face.tracking.base import END_STATUSES, PathLike, Tracker
+from distrib_face.tracking.environment import environment_tags
+from distrib_face.tracking.params import (
+    MAX_TAG_VALUE_LENGTH,
+    flatten_params,
+    redact,
+    redact_value,
+    stringify,
+    truncate,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Used when neither the ``tracking_uri`` argument nor ``MLFLOW_TRACKING_URI`` is given.
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+#: Folder (beside the sqlite database) for artifacts when no ``artifact_location`` is given.
+DEFAULT_ARTIFACT_DIRNAME = "mlartifacts"
+
+# MLflow's per-request limits for log_batch (mlflow.utils.validation).
+_PARAMS_TAGS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+
+class TrackingError(RuntimeError):
+    """The tracking backend refused something the tracker needs (unknown run id, bad URI, ...)."""
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The URI a tracker uses: the argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns.db``.
+
+    A relative sqlite path is made absolute against the current directory (``sqlite:////abs/path.db``,
+    four slashes) and its folder is created, so the database does not move when the cwd changes.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        path_part, sep, query = uri[len("sqlite:///"):].partition("?")
+        if not path_part:
+            raise TrackingError(f"sqlite tracking URI {uri!r} names no database file")
+        db_path = Path(path_part)
+        if not db_path.is_absolute():
+            db_path = Path.cwd() / db_path
+        db_path = db_path.resolve()
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db_path.as_posix()}{sep}{query}"
+    return uri
+
+
+def sqlite_database_path(tracking_uri: str) -> Path | None:
+    """The database file of an (absolute) ``sqlite:///`` URI, or None for other URIs."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].partition("?")[0])
+
+
+def _is_remote(tracking_uri: str) -> bool:
+    return urlparse(tracking_uri).scheme in ("http", "https", "databricks", "databricks-uc", "uc")
+
+
+def _is_local_location(location: str) -> bool:
+    scheme = urlparse(location).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def _as_float(key: str, value: Any) -> float:
+    if hasattr(value, "item"):  # 0-d torch tensors and numpy scalars/arrays
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {key!r} must be a real number, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def onnx_signature(onnx_model: Any) -> Any:
+    """The MLflow ``ModelSignature`` of an ONNX graph: its named inputs/outputs with dtype and shape.
+
+    Dynamic dimensions (``dim_param`` or unset) become -1, so an exported backbone reads
+    float32 [-1, 3, 112, 112] -> float32 [-1, 512].
+    """
+    import numpy as np
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    initializers = {init.name for init in onnx_model.graph.initializer}
+
+    def spec(value_info: Any) -> Any:
+        tensor_type = value_info.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        shape = tuple(dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim)
+        return TensorSpec(dtype, shape, value_info.name)
+
+    inputs = [spec(v) for v in onnx_model.graph.input if v.name not in initializers]
+    outputs = [spec(v) for v in onnx_model.graph.output]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+class MLflowTracker(Tracker):
+    """A :class:`Tracker` writing to an MLflow tracking store (sqlite file or server).
+
+    Args:
+        tracking_uri: where runs go; see :func:`resolve_tracking_uri` for the default.
+        experiment: experiment name, created when missing (restored when deleted).
+        run_id: continue this existing run instead of starting one: same id, status back to RUNNING.
+        run_name: display name of a new run.
+        artifact_location: where a *new* experiment keeps artifacts. For a local store (sqlite) it
+            defaults to ``mlartifacts/`` beside the database; for a server, local paths are ignored (the
+            server stores artifacts where it was told to) and only remote URIs (``s3://...``) are used.
+            An existing experiment keeps its own location.
+
+    Raises:
+        TrackingError: ``run_id`` does not exist in the store, or the URI is unusable.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        experiment: str,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._ended = False
+        self._known_params: dict[str, str] | None = None
+        self._metric_failures = 0
+        shown_uri = redact_value(self.tracking_uri)
+        if run_id:
+            run = self._resume(run_id)
+            logger.info("MLflow: continuing run %s at %s", run_id, shown_uri)
+        else:
+            experiment_id = self._experiment_id(experiment, artifact_location)
+            run = self._client.create_run(experiment_id, run_name=run_name)
+            logger.info(
+                "MLflow: run %s (%s) in experiment %r at %s", run.info.run_id, run.info.run_name, experiment, shown_uri
+            )
+        self._run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+        self.artifact_uri: str = run.info.artifact_uri
+        self.set_tags(environment_tags())
+
+    # -- run lifecycle -----------------------------------------------------------------------------------
+    def _resume(self, run_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as error:
+            raise TrackingError(
+                f"cannot continue MLflow run {run_id!r}: not found at {redact_value(self.tracking_uri)} ({error})"
+            ) from error
+        if run.info.lifecycle_stage == "deleted":
+            logger.warning("MLflow run %s was deleted; restoring it to continue", run_id)
+            self._client.restore_run(run_id)
+        self._client.update_run(run_id, status="RUNNING")
+        self._client.set_tag(run_id, "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return self._client.get_run(run_id)
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        location = self._artifact_location(artifact_location)
+        experiment = self._client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self._client.create_experiment(name, artifact_location=location)
+            except MlflowException as error:  # another process created it between the two calls
+                experiment = self._client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise TrackingError(
+                        f"cannot create MLflow experiment {name!r} at {redact_value(self.tracking_uri)}: {error}"
+                    ) from error
+        if experiment.lifecycle_stage == "deleted":
+            logger.warning("MLflow experiment %r was deleted; restoring it", name)
+            self._client.restore_experiment(experiment.experiment_id)
+        if location is not None and _is_local_location(location):
+            wanted = Path(urlparse(location).path if location.startswith("file:") else location)
+            have = experiment.artifact_location
+            have_path = Path(urlparse(have).path if have.startswith("file:") else have)
+            if _is_local_location(have) and have_path.resolve() != wanted.resolve():
+                logger.warning(
+                    "MLflow experiment %r already stores artifacts in %s; artifact_location %s applies only to a "
+                    "new experiment (use a new experiment name to keep artifacts beside this run's output)",
+                    name, have, location,
+                )
+        return experiment.experiment_id
+
+    def _artifact_location(self, artifact_location: str | None) -> str | None:
+        if _is_remote(self.tracking_uri):
+            if artifact_location and _is_local_location(artifact_location):
+                logger.warning(
+                    "ignoring local artifact_location %s for the MLflow server %s: the server decides where "
+                    "artifacts go (--artifacts-destination)", artifact_location, redact_value(self.tracking_uri),
+                )
+                return None
+            return artifact_location
+        if artifact_location:
+            return str(Path(artifact_location).resolve()) if _is_local_location(artifact_location) else artifact_location
+        db_path = sqlite_database_path(self.tracking_uri)
+        if db_path is not None:
+            return str(db_path.parent / DEFAULT_ARTIFACT_DIRNAME)
+        return None
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if status not in END_STATUSES:
+            raise ValueError(f"run status must be one of {END_STATUSES}, got {status!r}")
+        if self._ended:
+            return
+        self._client.set_terminated(self._run_id, status=status)
+        self._ended = True
+        logger.info("MLflow: run %s ended %s", self._run_id, status)
+
+    # -- params, metrics, tags ---------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log ``params`` flattened ("optim.lr"), stringified, truncated at 6000 characters, secrets redacted.
+
+        MLflow forbids changing a logged param. Keys already logged with the same value (a resumed run
+        logging its config again) are skipped; a changed value (e.g. a different world size after a
+        restart) is kept as it was and the new one goes to the tag ``param_changed.<key>`` with a warning.
+        """
+        from mlflow.entities import Param, RunTag
+
+        flat = flatten_params(params)
+        if self._known_params is None:
+            self._known_params = dict(self._client.get_run(self._run_id).data.params)
+        new: list[Param] = []
+        changed: list[RunTag] = []
+        for key, value in flat.items():
+            old = self._known_params.get(key)
+            if old is None:
+                new.append(Param(key, value))
+                self._known_params[key] = value
+            elif old != value:
+                logger.warning("param %s was %r in this run and is now %r; keeping the first value", key, old, value)
+                changed.append(RunTag(f"param_changed.{key}", truncate(value, MAX_TAG_VALUE_LENGTH)))
+        for start in range(0, len(new), _PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._run_id, params=new[start : start + _PARAMS_TAGS_PER_BATCH])
+        for start in range(0, len(changed), _PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=changed[start : start + _PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log scalar ``metrics`` at ``step``.
+
+        A value that is not a real number raises ``TypeError``; NaN/Inf are logged as they are. A failure
+        of the tracking store (server unreachable after MLflow's retries) is logged as a warning and does
+        not stop training.
+        """
+        from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
+
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(key, _as_float(key, value), timestamp, int(step)) for key, value in metrics.items()]
+        try:
+            for start in range(0, len(entries), _METRICS_PER_BATCH):
+                self._client.log_batch(self._run_id, metrics=entries[start : start + _METRICS_PER_BATCH])
+        except (MlflowException, OSError) as error:
+            self._metric_failures += 1
+            logger.warning(
+                "MLflow: could not log metrics at step %d (%d failures so far): %s", step, self._metric_failures, error
+            )
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        entries = [
+            RunTag(str(key), truncate(redact_value(stringify(value)), MAX_TAG_VALUE_LENGTH))
+            for key, value in redact(dict(tags)).items()
+        ]
+        for start in range(0, len(entries), _PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self._run_id, tags=entries[start : start + _PARAMS_TAGS_PER_BATCH])
+
+    # -- artifacts ---------------------------------------------------------------------------------------
+    def log_artifact(self, path: PathLike, subdir: str | None = None) -> None:
+        local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(f"artifact to log does not exist: {local}")
+        if local.is_dir():
+            artifact_path = f"{subdir}/{local.name}" if subdir else local.name
+            self._client.log_artifacts(self._run_id, str(local), artifact_path=artifact_path)
+        else:
+            self._client.log_artifact(self._run_id, str(local), artifact_path=subdir)
+
+    def log_dict(self, data: Mapping[str, Any], filename: str) -> None:
+        self._client.log_dict(self._run_id, redact(dict(data)), filename)
+
+    def log_figure(self, figure: Any, filename: str) -> None:
+        self._client.log_figure(self._run_id, figure, filename)
+
+    def log_onnx_model(self, onnx_path: PathLike, name: str, register_as: str | None = None) -> str | None:
+        """Log ``onnx_path`` as an MLflow model (ONNX flavour) named ``name``, its signature read from the graph.
+
+        Sets this process's MLflow fluent tracking/registry URI and experiment to this tracker's (the MLflow
+        model-logging API reads them from there). With ``register_as``, a new version of that registered
+        model is created (the registered model too if missing).
+
+        Returns:
+            The model URI (``models:/<model_id>``), loadable with ``mlflow.pyfunc.load_model`` or
+            ``mlflow.onnx.load_model``.
+        """
+        import mlflow
+        import mlflow.onnx
+        import onnx
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model to log does not exist: {path}")
+        model = onnx.load(str(path))
+        signature = onnx_signature(model)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or self.tracking_uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        info = mlflow.onnx.log_model(
+            model,
+            name=name,
+            signature=signature,
+            registered_model_name=register_as,
+            # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+            run_id=self._run_id,
+        )
+        self.set_tags({f"model.{name}.uri": info.model_uri})
+        if register_as:
+            logger.info("MLflow: registered %s as %r version %s", info.model_uri, register_as, info.registered_model_version)
+        return info.model_uri
+
