@@ -149,6 +149,77 @@ def _clip_classifier_grad(grad: torch.Tensor, max_norm: float, ctx: Any) -> floa
     return norm
 
 
+class StepRunner:
+    """The training step of one rank, shared by :func:`run_training` and ``distrib-face bench train``.
+
+    Args:
+        cfg: the config (precision, memory format, grad clipping).
+        ctx: the process context.
+        engine: the backbone's DeepSpeed engine.
+        classifier, shard_optimizer: this rank's class shard and its optimiser.
+        input_dtype: dtype the backbone takes (bf16 / fp16 under DeepSpeed mixed precision).
+    """
+
+    def __init__(self, cfg: Config, ctx: Any, engine: Any, classifier: Any, shard_optimizer: Any,
+                 input_dtype: torch.dtype) -> None:
+        self.cfg, self.ctx, self.engine = cfg, ctx, engine
+        self.classifier, self.shard_optimizer, self.input_dtype = classifier, shard_optimizer, input_dtype
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> float:
+        """Forward one micro-batch and, when its loss is finite, backward it; returns the loss.
+
+        The loss is the mean over the global micro-batch, identical on every rank. A non-finite loss is
+        returned without a backward pass (``poison`` makes it NaN: the ``train.debug_nan_steps`` hook).
+        Before the accumulation boundary the engine's micro-step is also taken here.
+        """
+        images = images.to(self.ctx.device, dtype=self.input_dtype, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.ctx.device, non_blocking=True)
+        embeddings = self.engine(images)  # [B_local, D]
+        loss = self.classifier(embeddings.float(), labels)
+        if poison:
+            loss = loss * float("nan")
+        value = float(loss.detach())  # a host sync per micro-batch: every rank must see the same verdict
+        if not math.isfinite(value):
+            return value
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed only counts the micro-step
+        return value
+
+    def finish_step(self, want_grad_norm: bool = False) -> float | None:
+        """At the accumulation boundary: step the backbone (DeepSpeed) and the class shard.
+
+        Under fp16 the class-shard gradient carries DeepSpeed's loss scale: it is unscaled first, and
+        the shard's step is skipped together with the backbone's when either overflowed.
+
+        Returns:
+            The global gradient norm (backbone and all class shards) when ``want_grad_norm``, else None.
+        """
+        engine, ctx = self.engine, self.ctx
+        clf_grad = self.classifier.active_rows()[1].grad
+        grad_norm = None
+        clf_finite = True
+        if engine.fp16_enabled() and clf_grad is not None:
+            from distrib_face.train.engine import current_loss_scale
+
+            clf_finite = self.shard_optimizer.unscale_(1.0 / current_loss_scale(engine))
+        if want_grad_norm and engine.zero_optimization_stage() == 0:
+            grad_norm = _global_grad_norm(engine, clf_grad, ctx)  # grads are still there before the step
+        engine.step()
+        if engine.fp16_enabled() and (not engine.was_step_applied() or not clf_finite):
+            logger.warning("fp16 overflow: the class-shard step is skipped with the backbone's")
+        else:
+            if self.cfg.optim.grad_clip and clf_grad is not None:
+                _clip_classifier_grad(clf_grad, self.cfg.optim.grad_clip, ctx)
+            self.shard_optimizer.step()
+        if want_grad_norm and grad_norm is None:
+            grad_norm = _global_grad_norm(engine, clf_grad, ctx)
+        self.shard_optimizer.zero_grad()
+        return grad_norm
+
+
 @dataclass
 class _Window:
     """Counters between two log lines."""
@@ -298,8 +369,7 @@ def run_training(
             verification_before = dict(state.eval_history[0][1])
 
         # -------------------------------------------------------------- the loop
-        input_dtype = bundle.input_dtype
-        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        runner = StepRunner(cfg, ctx, engine, classifier, shard_optimizer, bundle.input_dtype)
         global_micro_batch = cfg.data.batch_size * ctx.world_size
         nan_steps = set(tcfg.debug_nan_steps)
         data_iter = iter(loader)
@@ -334,14 +404,7 @@ def run_training(
                 state.micro_step += 1
                 state.samples_seen += global_micro_batch
                 state.epoch_samples += global_micro_batch
-                images = images.to(ctx.device, dtype=input_dtype, non_blocking=True)
-                images = images.contiguous(memory_format=memory_format)
-                labels = labels.to(ctx.device, non_blocking=True)
-                embeddings = engine(images)
-                loss = classifier(embeddings.float(), labels)
-                if micro in nan_steps:
-                    loss = loss * float("nan")  # test hook: train.debug_nan_steps
-                loss_value = float(loss.detach())  # identical on every rank: all ranks decide alike
+                loss_value = runner.forward_backward(images, labels, poison=micro in nan_steps)
                 if not math.isfinite(loss_value):
                     state.bad_steps += 1
                     state.skipped_steps += 1
@@ -354,38 +417,13 @@ def run_training(
                             f"micro-batches in a row (train.max_bad_steps={tcfg.max_bad_steps}); lower optim.lr, "
                             "set optim.grad_clip, check the data, or use deepspeed.precision fp32/bf16"
                         )
-                    del loss, embeddings
                     continue
                 state.bad_steps = 0
-                engine.backward(loss)
                 good += 1
                 step_loss += loss_value
                 window.images += global_micro_batch
                 run_images += global_micro_batch
-                if good < cfg.optim.grad_accum:
-                    engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-
-            # The accumulation boundary: step the backbone (DeepSpeed) and the class shard.
-            _, clf_rows = classifier.active_rows()
-            clf_grad = clf_rows.grad
-            grad_norm = None
-            clf_finite = True
-            if engine.fp16_enabled() and clf_grad is not None:
-                from distrib_face.train.engine import current_loss_scale
-
-                clf_finite = shard_optimizer.unscale_(1.0 / current_loss_scale(engine))
-            if log_now and engine.zero_optimization_stage() == 0:
-                grad_norm = _global_grad_norm(engine, clf_grad, ctx)
-            engine.step()
-            if engine.fp16_enabled() and (not engine.was_step_applied() or not clf_finite):
-                progress.message(f"fp16 overflow at step {state.step}: classifier step skipped with the backbone's")
-            else:
-                if cfg.optim.grad_clip and clf_grad is not None:
-                    _clip_classifier_grad(clf_grad, cfg.optim.grad_clip, ctx)
-                shard_optimizer.step()
-            if log_now and grad_norm is None:
-                grad_norm = _global_grad_norm(engine, None, ctx) if engine.zero_optimization_stage() else None
-            shard_optimizer.zero_grad()
+            grad_norm = runner.finish_step(want_grad_norm=log_now)
             state.step += 1
             last_loss = step_loss / cfg.optim.grad_accum
             window.losses += last_loss
