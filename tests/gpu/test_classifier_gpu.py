@@ -1,0 +1,47 @@
+"""The classifier on CUDA: NCCL world of 1, and agreement with the float64 CPU computation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from distrib_face.parallel import ShardedMarginClassifier
+
+
+@pytest.mark.parametrize("compute_dtype,rtol", [(None, 1e-4), (torch.bfloat16, 2e-2)])
+def test_cuda_loss_and_grads_match_cpu_float64(compute_dtype, rtol):
+    torch.manual_seed(0)
+    emb = torch.randn(64, 128, dtype=torch.float64)
+    labels = torch.randint(0, 5000, (64,))
+    ref = ShardedMarginClassifier(5000, 128, margin="arcface", dtype=torch.float64, seed=3)
+    e_ref = emb.clone().requires_grad_(True)
+    loss_ref = ref(e_ref, labels)
+    loss_ref.backward()
+    gpu = ShardedMarginClassifier(5000, 128, margin="arcface", device="cuda", seed=3, chunk_size=1024,
+                                  compute_dtype=compute_dtype)
+    with torch.no_grad():
+        gpu.weight.copy_(ref.weight.float())  # CUDA's generator draws other numbers than the CPU's
+    e_gpu = emb.float().to("cuda").requires_grad_(True)
+    loss = gpu(e_gpu, labels.to("cuda"))
+    loss.backward()
+    assert float(loss) == pytest.approx(float(loss_ref), rel=rtol)
+    torch.testing.assert_close(e_gpu.grad.double().cpu(), e_ref.grad, rtol=rtol * 10, atol=rtol * 1e-2)
+
+
+def test_nccl_world_of_one(tmp_path):
+    import torch.distributed as dist
+
+    from distrib_face.parallel import init_distributed
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ctx = init_distributed(device="cuda")  # reuses the group
+        clf = ShardedMarginClassifier(1000, 64, device=ctx.device, group=dist.group.WORLD)
+        loss = clf(torch.randn(8, 64, device=ctx.device), torch.randint(0, 1000, (8,), device=ctx.device))
+        loss.backward()
+        assert torch.isfinite(loss)
+    finally:
+        dist.destroy_process_group()
