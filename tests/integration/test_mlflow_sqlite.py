@@ -1,0 +1,199 @@
+"""The MLflow tracker against a real sqlite store (no server): what it writes is read back with sqlite3 itself.
+
+One database for the module (creating its tables takes a few seconds); each test uses its own experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distrib_face.tracking import create_tracker, plot_loss_curve
+from distrib_face.tracking.mlflow_tracker import MLflowTracker, TrackingError
+from distrib_face.tracking.params import REDACTED
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store made through the default URI: cwd/mlruns.db, artifacts in cwd/mlartifacts."""
+    root = tmp_path_factory.mktemp("mlflow_sqlite")
+    old_cwd, old_uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(root)
+    try:
+        tracker = create_tracker(enabled=True, tracking_uri=None, experiment="defaults")
+        tracker.end()
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    return {"root": root, "uri": tracker.tracking_uri, "first": tracker}
+
+
+def _query(store, sql, *args):
+    with sqlite3.connect(store["root"] / "mlruns.db") as connection:
+        return connection.execute(sql, args).fetchall()
+
+
+def test_default_uri_and_artifact_location(store):
+    root = store["root"].resolve()
+    tracker = store["first"]
+    assert tracker.tracking_uri == f"sqlite:///{root}/mlruns.db"  # four slashes: absolute path
+    assert (root / "mlruns.db").is_file()
+    (location,) = _query(store, "SELECT artifact_location FROM experiments WHERE name = 'defaults'")[0]
+    assert Path(location) == root / "mlartifacts"
+    assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", tracker.run_id) == [("FINISHED",)]
+
+
+def test_params_metrics_tags(store, tmp_path):
+    tracker = create_tracker(True, store["uri"], "params", run_name="p", artifact_location=str(tmp_path / "art"))
+    config = {
+        "optim": {"lr": 0.1, "milestones": [8, 16]},
+        "tracking": {"uri": "https://u:pw123@host/", "token": "abc"},
+        "notes": "n" * 7000,
+        "many": {f"field_{i:03d}": i for i in range(250)},  # more than one log_batch of 100
+    }
+    tracker.log_params(config)
+    for step in (1, 2, 3):
+        tracker.log_metrics({"loss": torch.tensor(4.0 / step), "lr": np.float32(0.1), "img/s": 100 + step}, step=step)
+    tracker.set_tags({"purpose": "test", "world_size": 2})
+    tracker.end()
+
+    params = dict(_query(store, "SELECT key, value FROM params WHERE run_uuid = ?", tracker.run_id))
+    assert params["optim.lr"] == "0.1" and params["optim.milestones"] == "[8, 16]"
+    assert params["tracking.token"] == REDACTED and params["tracking.uri"] == f"https://u:{REDACTED}@host/"
+    assert len(params["notes"]) == 6000
+    assert all(params[f"many.field_{i:03d}"] == str(i) for i in range(250))
+    assert len(params) == 2 + 2 + 1 + 250
+
+    loss = _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? AND key = 'loss' ORDER BY step", tracker.run_id)
+    assert loss == [(1, 4.0), (2, 2.0), (3, pytest.approx(4.0 / 3))]
+    assert _query(store, "SELECT value FROM metrics WHERE run_uuid = ? AND key = 'img/s' AND step = 3", tracker.run_id) == [(103.0,)]
+
+    tags = dict(_query(store, "SELECT key, value FROM tags WHERE run_uuid = ?", tracker.run_id))
+    assert tags["purpose"] == "test" and tags["world_size"] == "2" and tags["mlflow.runName"] == "p"
+    assert tags["versions.torch"] == torch.__version__ and tags["host"]
+    (location,) = _query(store, "SELECT artifact_location FROM experiments WHERE name = 'params'")[0]
+    assert Path(location) == (tmp_path / "art").resolve()
+
+
+def test_resume_continues_the_same_run(store, caplog):
+    first = create_tracker(True, store["uri"], "resume", run_name="r")
+    first.log_params({"optim": {"lr": 0.1}, "world_size": 2})
+    first.log_metrics({"loss": 3.0}, step=10)
+    run_id = first.run_id  # the process "dies" here: the run is never ended
+
+    again = create_tracker(True, store["uri"], "resume", run_id=run_id)
+    assert again.run_id == run_id
+    assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", run_id) == [("RUNNING",)]
+    again.log_params({"optim": {"lr": 0.1}, "world_size": 4})  # same value: skipped; changed: kept + tagged
+    again.log_metrics({"loss": 2.0}, step=20)
+    again.end()
+
+    assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", run_id) == [("FINISHED",)]
+    assert _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? ORDER BY step", run_id) == [(10, 3.0), (20, 2.0)]
+    assert dict(_query(store, "SELECT key, value FROM params WHERE run_uuid = ?", run_id)) == {"optim.lr": "0.1", "world_size": "2"}
+    tags = dict(_query(store, "SELECT key, value FROM tags WHERE run_uuid = ?", run_id))
+    assert tags["param_changed.world_size"] == "4" and "resumed_at" in tags
+    experiment_runs = _query(
+        store, "SELECT COUNT(*) FROM runs JOIN experiments USING (experiment_id) WHERE experiments.name = 'resume'"
+    )
+    assert experiment_runs == [(1,)]
+
+    finished = create_tracker(True, store["uri"], "resume", run_id=run_id)  # a finished run can be continued too
+    assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", run_id) == [("RUNNING",)]
+    with finished:
+        pass
+    assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", run_id) == [("FINISHED",)]
+
+    with pytest.raises(TrackingError, match="0123456789abcdef"):
+        create_tracker(True, store["uri"], "resume", run_id="0123456789abcdef")
+
+
+def test_failed_block_marks_run_failed(store):
+    with pytest.raises(ZeroDivisionError):
+        with create_tracker(True, store["uri"], "failing") as tracker:
+            1 / 0
+    assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", tracker.run_id) == [("FAILED",)]
+
+
+def test_artifacts_dict_figure_and_plots(store, tmp_path):
+    tracker = create_tracker(True, store["uri"], "artifacts", artifact_location=str(tmp_path / "art"))
+    assert isinstance(tracker, MLflowTracker)
+    tracker.log_dict({"zero_optimization": {"stage": 1}, "auth": {"password": "x"}}, "deepspeed_config.json")
+    roc = plot_loss_curve({"loss": [(1, 2.0), (2, 1.0)]}, tmp_path / "roc_holdout.png")
+    tracker.log_artifacts([roc], subdir="plots")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a")
+    tracker.log_artifact(folder, subdir="extra")
+
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    figure.subplots().plot([0, 1], [1, 0])
+    tracker.log_figure(figure, "plots/figure.png")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        tracker.log_artifact(tmp_path / "nope.png")
+    tracker.end()
+
+    artifacts = Path(tracker.artifact_uri)
+    assert artifacts == (tmp_path / "art" / tracker.run_id / "artifacts").resolve()
+    assert json.loads((artifacts / "deepspeed_config.json").read_text()) == {
+        "zero_optimization": {"stage": 1}, "auth": {"password": REDACTED},
+    }
+    assert (artifacts / "plots" / "roc_holdout.png").read_bytes() == roc.read_bytes()
+    assert (artifacts / "plots" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (artifacts / "extra" / "ckpt" / "a.txt").read_text() == "a"
+
+
+class _TinyEmbedder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        self.fc = torch.nn.Linear(8, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def export_tiny_onnx(path: Path) -> torch.nn.Module:
+    """A small float32 [-1, 3, 112, 112] -> [-1, 512] network exported with torch's ONNX exporter."""
+    torch.manual_seed(0)
+    model = _TinyEmbedder().eval()
+    torch.onnx.export(
+        model, (torch.randn(2, 3, 112, 112),), str(path), dynamo=False, input_names=["input"],
+        output_names=["embedding"], dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+    )
+    return model
+
+
+def test_onnx_model_logged_loadable_and_registered(store, tmp_path):
+    import mlflow
+    import mlflow.onnx
+    from mlflow import MlflowClient
+
+    model = export_tiny_onnx(tmp_path / "model.onnx")
+    tracker = create_tracker(True, store["uri"], "models")
+    uri = tracker.log_onnx_model(tmp_path / "model.onnx", "model", register_as="tiny-face")
+    tracker.end()
+
+    images = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    loaded = mlflow.pyfunc.load_model(uri)
+    signature = loaded.metadata.signature
+    assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [("input", np.dtype("float32"), (-1, 3, 112, 112))]
+    assert [(s.name, s.shape) for s in signature.outputs.inputs] == [("embedding", (-1, 512))]
+    predicted = loaded.predict(images.numpy())
+    np.testing.assert_allclose(predicted["embedding"], expected, rtol=1e-4, atol=1e-5)
+
+    versions = MlflowClient(store["uri"]).search_model_versions("name = 'tiny-face'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", tracker.run_id)]
+    onnx_model = mlflow.onnx.load_model("models:/tiny-face/1")
+    assert [i.name for i in onnx_model.graph.input] == ["input"]
