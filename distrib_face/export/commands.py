@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.export``."""
+"""Subcommands contributed by ``distrib_face.export``: ``distrib-face export``."""
 
 from __future__ import annotations
 
@@ -6,4 +6,63 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add this package's subcommands (none yet)."""
+    """Add ``distrib-face export``."""
+    parser = sub.add_parser(
+        "export",
+        help="export a trained backbone to ONNX or TorchScript and check it against PyTorch",
+        description=(
+            "Export a backbone (a file from save_backbone, or a checkpoint directory holding backbone.pt) to "
+            "ONNX (dynamic batch; input 'input' N x 3 x 112 x 112 RGB normalised as (x - 127.5) / 127.5; "
+            "output 'embedding' N x 512) or TorchScript, then compare the export with PyTorch."
+        ),
+    )
+    parser.add_argument("--checkpoint", required=True, help="backbone file, or checkpoint directory with backbone.pt")
+    parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    parser.add_argument("--output", required=True, help="output file (.onnx or .pt)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    parser.add_argument(
+        "--parity-images",
+        default=None,
+        help="folder of face images (all one size) for the parity check; default: 16 random smooth images",
+    )
+    parser.add_argument("--parity-limit", type=int, default=64, help="at most this many parity images")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="fail (exit 1) when the parity difference exceeds this"
+    )
+    parser.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from distrib_face.export.exporter import DEFAULT_OPSET, export_onnx, export_torchscript, load_for_export
+    from distrib_face.export.parity import (
+        check_parity,
+        check_torchscript_parity,
+        load_image_folder,
+        random_face_like_images,
+    )
+
+    model, info = load_for_export(args.checkpoint)
+    size = info["input_size"]
+    if args.format == "onnx":
+        opset = args.opset or DEFAULT_OPSET
+        metadata = {"backbone": info["name"], "source": info["source"]}
+        out = export_onnx(model, args.output, opset=opset, metadata=metadata)
+    else:
+        if args.opset is not None:
+            print("note: --opset applies to ONNX only; ignored")
+        out = export_torchscript(model, args.output)
+    if args.parity_images:
+        images = load_image_folder(args.parity_images, limit=args.parity_limit)
+        what = f"{len(images)} images from {args.parity_images}"
+    else:
+        images = random_face_like_images(16, size)
+        what = "16 random smooth images"
+    check = check_parity if args.format == "onnx" else check_torchscript_parity
+    diff = check(model, out, images)
+    print(f"backbone   {info['name']} {info['kwargs']} (from {info['source']})")
+    print(f"exported   {args.format} -> {out}  (input {size}x{size}, dynamic batch)")
+    print(f"parity     max |{args.format} - torch| = {diff:.3g} on {what} (tolerance {args.tolerance:g})")
+    if diff > args.tolerance:
+        print("FAILED: the export differs from PyTorch by more than the tolerance")
+        return 1
+    return 0

@@ -1,0 +1,230 @@
+"""ONNX and TorchScript export of a backbone, and where a backbone to export comes from.
+
+The exported model's contract (the one insightface's recognition models follow):
+
+- input ``"input"``: float32 ``[N, 3, S, S]`` (``S`` = 112 unless the backbone was built for another
+  size), RGB, normalised as ``(x - 127.5) / 127.5``; ``N`` is dynamic;
+- output ``"embedding"``: float32 ``[N, embedding_size]`` (512 by default), not L2-normalised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from distrib_face.models.io import BackboneFileError, load_backbone, read_backbone_file
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+INPUT_MEAN = 127.5
+INPUT_STD = 127.5
+DEFAULT_OPSET = 17
+BACKBONE_FILENAME = "backbone.pt"
+
+
+class ExportSourceError(FileNotFoundError):
+    """The ``--checkpoint`` path holds no backbone to export; the message names the path and what was tried."""
+
+
+def resolve_backbone_file(path: str | os.PathLike) -> Path:
+    """Find the backbone file for a ``--checkpoint`` argument.
+
+    Accepted, in this order:
+
+    - a backbone file written by ``distrib_face.models.save_backbone``;
+    - a checkpoint directory holding ``backbone.pt``;
+    - a training output directory whose ``latest`` file names a checkpoint sub-directory holding
+      ``backbone.pt`` (the trainer's layout: the pointer is written atomically after the checkpoint).
+
+    Raises:
+        ExportSourceError: if none of these applies.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ExportSourceError(f"checkpoint path does not exist: {path}")
+    direct = path / BACKBONE_FILENAME
+    if direct.is_file():
+        return direct
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / BACKBONE_FILENAME).is_file():
+            return target / BACKBONE_FILENAME
+        raise ExportSourceError(f"{latest} points to {target}, which holds no {BACKBONE_FILENAME}")
+    raise ExportSourceError(
+        f"{path} is a directory without {BACKBONE_FILENAME} or a 'latest' pointer to a checkpoint holding one"
+    )
+
+
+def load_for_export(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load the backbone a ``--checkpoint`` argument refers to, ready to export.
+
+    Returns:
+        ``(model, info)``: the model in eval mode, fp32, on the CPU; ``info`` holds ``name``, ``kwargs``,
+        ``input_size`` and ``source`` (the backbone file).
+
+    Raises:
+        ExportSourceError: if no backbone file is found.
+        BackboneFileError: if the file cannot be read or does not fit its backbone.
+    """
+    backbone_file = resolve_backbone_file(path)
+    header = read_backbone_file(backbone_file)
+    model = prepare_for_export(load_backbone(backbone_file))
+    info = {
+        "name": header["name"],
+        "kwargs": header["kwargs"],
+        "input_size": input_size_of(model),
+        "source": str(backbone_file),
+    }
+    return model, info
+
+
+def input_size_of(model: nn.Module) -> int:
+    """The image side a backbone was built for (its ``input_size`` attribute, 112 when absent)."""
+    return int(getattr(model, "input_size", 112))
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """A CPU, fp32, contiguous-format, eval-mode copy of ``model`` (the original is left untouched)."""
+    from distrib_face.models.io import unwrap_model
+
+    model = copy.deepcopy(unwrap_model(model)).cpu().float()
+    model = model.to(memory_format=torch.contiguous_format)
+    for module in model.modules():  # training-only switches must not reach the traced graph
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = False
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    input_size: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export ``model`` to ONNX with a dynamic batch axis, written atomically.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): it needs no extra packages and folds
+    BatchNorm into the preceding convolutions. The graph is checked with ``onnx.checker``, and the
+    preprocessing contract is recorded in the model's metadata (``input_mean``, ``input_std``,
+    ``color_order``, plus ``metadata``).
+
+    Args:
+        model: the backbone (any device / dtype / wrapper; an fp32 CPU eval copy is exported).
+        path: output ``.onnx`` file.
+        opset: ONNX opset version (>= 14, for the attention of the ViT).
+        input_size: image side; default: the backbone's own ``input_size`` (112).
+        metadata: extra string key / values for the model's ``metadata_props``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if ``opset`` is below 14.
+    """
+    import onnx
+
+    if opset < 14:
+        raise ValueError(f"ONNX opset {opset} is too old: 14 or newer is needed")
+    path = Path(path)
+    model = prepare_for_export(model)
+    size = input_size or input_size_of(model)
+    example = torch.zeros(2, 3, size, size)
+    with _atomic_target(path) as target:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs onnxscript.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(target),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(target))
+        props = {"input_mean": str(INPUT_MEAN), "input_std": str(INPUT_STD), "color_order": "RGB"}
+        props.update(metadata or {})
+        for key, value in props.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        proto.producer_name = "distrib_face"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(target))
+    logger.info("exported ONNX (opset %d, input %dx%d, dynamic batch) to %s", opset, size, size, path)
+    return path
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, *, input_size: int | None = None) -> Path:
+    """Export ``model`` as a traced TorchScript module (``torch.jit.load``-able), written atomically.
+
+    Args:
+        model: the backbone (an fp32 CPU eval copy is traced).
+        path: output file (``.pt``).
+        input_size: image side of the example input; default: the backbone's own.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    model = prepare_for_export(model)
+    size = input_size or input_size_of(model)
+    example = torch.zeros(2, 3, size, size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.freeze(traced)
+    with _atomic_target(path) as target:
+        torch.jit.save(traced, str(target))
+    logger.info("exported TorchScript (input %dx%d) to %s", size, size, path)
+    return path
+
+
+__all__ = [
+    "BACKBONE_FILENAME",
+    "BackboneFileError",
+    "DEFAULT_OPSET",
+    "ExportSourceError",
+    "INPUT_MEAN",
+    "INPUT_NAME",
+    "INPUT_STD",
+    "OUTPUT_NAME",
+    "export_onnx",
+    "export_torchscript",
+    "input_size_of",
+    "load_for_export",
+    "prepare_for_export",
+    "resolve_backbone_file",
+]
