@@ -1,9 +1,139 @@
-"""Subcommands contributed by ``distrib_face.data``."""
+"""Subcommands contributed by ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``bench data``.
+
+Exit codes of ``pack``: 0 everything packed; 3 packed, but images were skipped or identities were empty
+(listed in ``pack_report.json``); 2 nothing usable written (refused output, strict stop, bad input).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+EXIT_SKIPPED = 3
+EXIT_FAILED = 2
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add this package's subcommands (none yet)."""
+    """Add ``pack``, ``synth``, ``data stats`` and ``bench data``."""
+    p = sub.add_parser("pack", help="pack an image folder / insightface .rec / list file into webdataset shards")
+    p.add_argument("source", help="identity-per-folder tree, train.rec (or its folder), or a 'path label' list")
+    p.add_argument("out", help="output folder for NAME-%%06d.tar shards, manifest.json, pack_report.json")
+    p.add_argument("--kind", default="auto", choices=["auto", "folder", "recordio", "list"])
+    p.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    p.add_argument("--max-count", type=int, default=10000, help="most samples per shard")
+    p.add_argument("--max-mb", type=float, default=512.0, help="most image megabytes per shard")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
+    p.add_argument("--image-size", type=int, default=None, help="resize every image to this square size")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--if-exists", default="refuse", choices=["refuse", "resume", "overwrite"],
+                   help="what to do when the output folder already holds shards")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--no-verify", action="store_true", help="pass JPEGs through without a test decode")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pack)
+
+    s = sub.add_parser("synth", help="write a synthetic long-tailed face-like identity set as shards")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--identities", type=int, default=200, help="training identities")
+    s.add_argument("--min-images", type=int, default=4)
+    s.add_argument("--max-images", type=int, default=60)
+    s.add_argument("--zipf-a", type=float, default=1.5, help="Zipf exponent of images per identity")
+    s.add_argument("--holdout", type=int, default=50, help="held-out identities (in holdout_pairs.npz only)")
+    s.add_argument("--pairs", type=int, default=600, help="held-out verification pairs")
+    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--samples-per-shard", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_synth)
+
+    st = groups["data"].add_parser("stats", help="images-per-identity histogram of a shard set (text + PNG)")
+    st.add_argument("shards", help="shard folder, manifest.json, or their URL")
+    st.add_argument("--png", default=None, help="figure path (default: images_per_identity.png beside the "
+                    "manifest, or in the current folder for a URL)")
+    st.set_defaults(func=_stats)
+
+    b = groups["bench"].add_parser("data", help="loader img/s: DALI CPU 1 / 2 threads, DALI mixed on a GPU, PIL")
+    b.add_argument("--shards", default=None, help="shard folder (default: synthetic shards in a temp folder)")
+    b.add_argument("--identities", type=int, default=500, help="synthetic identities when --shards is not given")
+    b.add_argument("--image-size", type=int, default=112)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--batches", type=int, default=30, help="timed batches per configuration")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--workers", type=int, default=2, help="reader processes")
+    b.add_argument("--device", default="cpu", help="cuda[:N] adds the DALI mixed (GPU) row")
+    b.set_defaults(func=_bench)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from distrib_face.data.pack import PackError, pack
+
+    try:
+        result = pack(args.source, args.out, kind=args.kind, prefix=args.prefix, max_count=args.max_count,
+                      max_mb=args.max_mb, quality=args.quality, image_size=args.image_size, workers=args.workers,
+                      if_exists=args.if_exists, strict=args.strict, verify=not args.no_verify,
+                      progress=not args.no_progress)
+    except PackError as err:
+        log.error("%s", err)
+        return EXIT_FAILED
+    m = result.manifest
+    print(f"packed {m.num_samples} images of {m.num_classes} identities into {len(m.shards)} shards in {args.out}")
+    if result.num_skipped or result.empty_identities:
+        print(f"skipped {result.num_skipped} unreadable images, {len(result.empty_identities)} empty identities: "
+              f"see {result.report_path}")
+        return EXIT_SKIPPED
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from distrib_face.data.synthetic import write_synthetic
+
+    m = write_synthetic(args.out, num_identities=args.identities, min_images=args.min_images,
+                        max_images=args.max_images, zipf_a=args.zipf_a, holdout_identities=args.holdout,
+                        image_size=args.image_size, seed=args.seed, num_pairs=args.pairs,
+                        samples_per_shard=args.samples_per_shard)
+    print(f"wrote {m.num_samples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrib_face.data.manifest import is_remote, read_manifest
+    from distrib_face.data.stats import format_histogram, plot_images_per_identity
+
+    try:
+        m = read_manifest(args.shards)
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return EXIT_FAILED
+    print(format_histogram(m.class_counts))
+    png = args.png
+    if png is None:
+        location = m.location or args.shards
+        png = "images_per_identity.png" if is_remote(location) else str(Path(location).parent /
+                                                                          "images_per_identity.png")
+    print(f"figure: {plot_images_per_identity(m.class_counts, png, title=str(args.shards))}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from distrib_face.data.bench import default_configs, measure
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        shards = args.shards
+        if shards is None:
+            from distrib_face.data.synthetic import write_synthetic
+
+            write_synthetic(tmp, num_identities=args.identities, min_images=4, max_images=40,
+                            holdout_identities=0, image_size=args.image_size, samples_per_shard=500)
+            shards = tmp
+        print(f"shards: {shards}; batch {args.batch_size}; {args.batches} timed batches after {args.warmup}")
+        print(f"{'configuration':<24} {'decoder':>7} {'device':>7} {'threads':>7} {'workers':>7} {'img/s':>9}")
+        for config in default_configs(args.device, args.workers):
+            row = measure(shards, batch_size=args.batch_size, batches=args.batches, warmup=args.warmup, **config)
+            print(f"{row.name:<24} {row.decoder:>7} {row.device:>7} {row.dali_threads:>7} {row.num_workers:>7} "
+                  f"{row.images_per_second:>9.0f}")
+    return 0

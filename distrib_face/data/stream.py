@@ -73,11 +73,13 @@ class ReadErrors:
         return True
 
 
-def iter_shard(url: str, errors: ReadErrors) -> Iterator[tuple[str, bytes | None, int | None]]:
+def iter_shard(url: str, errors: ReadErrors, expected: int | None = None) -> Iterator[tuple[str, bytes | None, int | None]]:
     """Yield ``(key, image_bytes, label)`` for each sample of one tar shard, in tar order.
 
     A sample without an image or with an unreadable label yields ``None`` in that field (the caller counts
     it as skipped); a truncated or unreadable shard logs a warning, counts in ``errors.shards`` and ends.
+    Python's streaming tar reader ends quietly at a truncation, so a shard that yields fewer samples than
+    ``expected`` (its manifest count) is counted as cut short too.
     """
     from webdataset import tariterators
 
@@ -88,6 +90,7 @@ def iter_shard(url: str, errors: ReadErrors) -> Iterator[tuple[str, bytes | None
         return
     try:
         files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=errors.shard_handler)
+        count = 0
         for sample in tariterators.group_by_keys(files, handler=errors.shard_handler):
             image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             label: int | None
@@ -95,7 +98,10 @@ def iter_shard(url: str, errors: ReadErrors) -> Iterator[tuple[str, bytes | None
                 label = int(sample["cls"])
             except (KeyError, ValueError):
                 label = None
+            count += 1
             yield sample["__key__"], image, label
+        if expected is not None and count < expected:
+            errors.shard_handler(EOFError(f"{url}: {count} of {expected} samples (truncated shard?)"))
     finally:
         stream.close()
 
@@ -211,21 +217,26 @@ class SlotSpec:
         return self.world_size * self.num_workers
 
 
+def _count(spec: SlotSpec, index: int) -> int | None:
+    return spec.shard_counts[index] if spec.shard_counts else None
+
+
 def _ordered_samples(spec: SlotSpec, errors: ReadErrors) -> Iterator[tuple[str, bytes | None, int | None]]:
     """This slot's samples in shard order, before re-weighting and shuffling."""
     if spec.resampled:
         rng = _rng(spec.seed, spec.epoch, spec.pass_index, spec.slot, 0x7E5A)
         while True:  # with replacement, forever; the loader cuts the epoch
-            yield from iter_shard(spec.shards[rng.randrange(len(spec.shards))], errors)
+            index = rng.randrange(len(spec.shards))
+            yield from iter_shard(spec.shards[index], errors, _count(spec, index))
     split = resolve_split(spec.split, len(spec.shards), spec.num_slots)
     order = shard_permutation(len(spec.shards), spec.seed, spec.epoch, spec.pass_index, spec.shuffle)
     if split == "shard":
         for index in order[spec.slot::spec.num_slots]:
-            yield from iter_shard(spec.shards[index], errors)
+            yield from iter_shard(spec.shards[index], errors, _count(spec, index))
         return
     running = 0
     for index in order:
-        for sample in iter_shard(spec.shards[index], errors):
+        for sample in iter_shard(spec.shards[index], errors, _count(spec, index)):
             if running % spec.num_slots == spec.slot:
                 yield sample
             running += 1

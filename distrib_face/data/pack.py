@@ -1,0 +1,410 @@
+"""``distrib-face pack``: image folders, insightface RecordIO or ``path label`` lists -> webdataset shards.
+
+Reading, checking and (re-)encoding images runs in a process pool; the parent writes the shards in input
+order, so the output is the same whatever the number of processes. JPEG input is passed through
+unchanged (after a full decode that proves it is readable, unless ``verify=False``); anything else, and
+any image to be resized, is encoded as JPEG at ``quality``.
+
+An output folder that already holds shards is refused, resumed or overwritten (``if_exists``), never
+mixed: a resumable run keeps ``.pack-progress.json`` (written after every finished shard, with a hash of
+the input listing and the options) and a resume with another input or other options is refused.
+Unreadable images are skipped and listed with the reason in ``pack_report.json`` (with the identities
+that had no image); ``strict=True`` stops at the first one instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from distrib_face.data.manifest import MANIFEST_NAME, Manifest, content_hash, write_manifest
+from distrib_face.data.shards import ShardWriter
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp")
+PROGRESS_NAME = ".pack-progress.json"
+REPORT_NAME = "pack_report.json"
+IF_EXISTS = ("refuse", "resume", "overwrite")
+
+
+class PackError(RuntimeError):
+    """Packing cannot start or had to stop (existing output, a strict-mode skip, an unreadable source)."""
+
+
+@dataclass
+class Item:
+    """One input image: where to read it (a file path, or a ``.rec`` path and byte offset) and its identity."""
+
+    ref: str
+    identity: str
+    offset: int = -1  # >= 0: a record of the .rec file ``ref``
+
+
+@dataclass
+class Source:
+    """An input listing: the items in packing order and the identities (sorted; label = position)."""
+
+    kind: str
+    path: str
+    items: list[Item]
+    identities: list[str]
+    empty_identities: list[str] = field(default_factory=list)
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def scan_folder(root: str | os.PathLike) -> Source:
+    """One sub-folder per identity holding jpg / png / bmp / pgm / webp images (other files are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PackError(f"{root}: not a folder")
+    items, identities, empty = [], [], []
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            empty.append(folder.name)
+            continue
+        identities.append(folder.name)
+        items += [Item(str(p), folder.name) for p in files]
+    if not items:
+        raise PackError(f"{root}: no images in any identity sub-folder (extensions {IMAGE_EXTENSIONS})")
+    return Source("folder", str(root), items, identities, empty)
+
+
+def scan_list(list_file: str | os.PathLike) -> Source:
+    """A text file of ``path label`` lines (paths relative to the list file's folder; ``#`` comments)."""
+    list_file = Path(list_file)
+    items = []
+    with open(list_file) as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise PackError(f"{list_file}:{number}: expected 'path label', got {line!r}")
+            path = Path(parts[0])
+            items.append(Item(str(path if path.is_absolute() else list_file.parent / path), parts[1]))
+    if not items:
+        raise PackError(f"{list_file}: no 'path label' lines")
+    identities = sorted({item.identity for item in items}, key=_natural_key)
+    return Source("list", str(list_file), items, identities)
+
+
+def scan_recordio(rec_or_dir: str | os.PathLike) -> Source:
+    """insightface's ``train.rec`` + ``train.idx`` (a folder holding them, or the ``.rec`` path)."""
+    from distrib_face.data.recordio import read_idx, read_record, unpack_record
+
+    path = Path(rec_or_dir)
+    rec = path / "train.rec" if path.is_dir() else path
+    idx = rec.with_suffix(".idx")
+    if not rec.is_file() or not idx.is_file():
+        raise PackError(f"{rec}: needs both {rec.name} and {idx.name}")
+    entries = read_idx(idx)
+    offsets = dict(entries)
+    with open(rec, "rb") as handle:
+        try:
+            first = unpack_record(read_record(handle, offsets[min(offsets)]))
+        except ValueError as err:
+            raise PackError(f"{rec}: cannot read record {min(offsets)}: {err}") from err
+        if first.flag > 0:  # insightface header record: images are records 1 .. label[0] - 1
+            indices = [i for i in range(1, int(first.labels[0])) if i in offsets]
+        else:
+            indices = sorted(offsets)
+        items = []
+        for index in indices:
+            try:
+                record = unpack_record(read_record(handle, offsets[index]))
+            except ValueError as err:
+                raise PackError(f"{rec}: record {index}: {err}") from err
+            items.append(Item(str(rec), str(int(record.label)), offset=offsets[index]))
+    if not items:
+        raise PackError(f"{rec}: no image records")
+    identities = sorted({item.identity for item in items}, key=_natural_key)
+    return Source("recordio", str(rec), items, identities)
+
+
+def scan_source(source: str | os.PathLike, kind: str = "auto") -> Source:
+    """Scan ``source`` as ``folder``, ``recordio`` or ``list`` (``auto`` decides from what is there)."""
+    path = Path(source)
+    if kind == "auto":
+        if path.is_dir():
+            kind = "recordio" if (path / "train.rec").is_file() else "folder"
+        elif path.suffix == ".rec":
+            kind = "recordio"
+        elif path.is_file():
+            kind = "list"
+        else:
+            raise PackError(f"{source}: no such file or folder")
+    scanners = {"folder": scan_folder, "list": scan_list, "recordio": scan_recordio}
+    if kind not in scanners:
+        raise PackError(f"source kind must be one of {sorted(scanners)} or auto, got {kind!r}")
+    return scanners[kind](path)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+_REC_HANDLES: dict[str, Any] = {}
+
+
+def _read_bytes(item: Item) -> bytes:
+    if item.offset < 0:
+        with open(item.ref, "rb") as handle:
+            return handle.read()
+    from distrib_face.data.recordio import read_record, unpack_record
+
+    handle = _REC_HANDLES.get(item.ref)
+    if handle is None:
+        handle = _REC_HANDLES[item.ref] = open(item.ref, "rb")
+    return unpack_record(read_record(handle, item.offset)).payload
+
+
+def _prepare(job: tuple[int, Item, int, int | None, bool]) -> tuple[int, bytes | None, str, tuple[int, int]]:
+    """Load one item and return ``(index, jpeg bytes or None, error, (H, W))``."""
+    from PIL import Image
+
+    index, item, quality, image_size, verify = job
+    try:
+        data = _read_bytes(item)
+        is_jpeg = data[:3] == b"\xff\xd8\xff"
+        with Image.open(io.BytesIO(data)) as image:
+            if is_jpeg and image_size is None and not verify:
+                return index, data, "", (image.height, image.width)
+            image.load()
+            size = (image.height, image.width)
+            if is_jpeg and image_size is None and image.mode in ("RGB", "L"):
+                return index, data, "", size
+            converted = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
+        if image_size is not None:
+            converted = converted.resize((image_size, image_size), Image.BILINEAR)
+            size = (image_size, image_size)
+        if converted.mode == "I":
+            converted = converted.convert("L")
+        buffer = io.BytesIO()
+        converted.save(buffer, format="JPEG", quality=quality)
+        return index, buffer.getvalue(), "", size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return index, None, f"{type(err).__name__}: {err}", (0, 0)
+
+
+# ------------------------------------------------------------------------------------------ parent side
+@dataclass
+class PackResult:
+    """What a pack run did."""
+
+    manifest: Manifest
+    skipped: list[dict[str, str]]
+    empty_identities: list[str]
+    report_path: Path
+
+    @property
+    def num_skipped(self) -> int:
+        """Images that could not be read."""
+        return len(self.skipped)
+
+
+def _listing_hash(source: Source, options: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for item in source.items:
+        digest.update(f"{item.ref}\t{item.offset}\t{item.identity}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _existing_outputs(out: Path, prefix: str) -> list[Path]:
+    names = [MANIFEST_NAME, PROGRESS_NAME, REPORT_NAME]
+    found = [out / n for n in names if (out / n).exists()]
+    return found + sorted(out.glob(f"{prefix}-*.tar")) + sorted(out.glob(f"{prefix}-*.tar.tmp"))
+
+
+def pack(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    prefix: str = "train",
+    max_count: int = 10000,
+    max_mb: float = 512.0,
+    quality: int = 95,
+    image_size: int | None = None,
+    workers: int | None = None,
+    if_exists: str = "refuse",
+    strict: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+) -> PackResult:
+    """Pack ``source`` into ``out_dir/PREFIX-%06d.tar`` shards with a ``manifest.json`` and ``pack_report.json``.
+
+    Args:
+        source: an identity-per-folder tree, a ``train.rec`` (or its folder), or a ``path label`` list file.
+        out_dir: output folder.
+        kind: ``auto``, ``folder``, ``recordio`` or ``list``.
+        prefix: shard name prefix.
+        max_count: most samples per shard.
+        max_mb: most image megabytes per shard.
+        quality: JPEG quality for images that are (re-)encoded.
+        image_size: resize every image to this square size (default: keep sizes).
+        workers: processes reading and checking images (default: the CPU count).
+        if_exists: what to do when ``out_dir`` already holds shards: ``refuse``, ``resume`` or ``overwrite``.
+        strict: stop at the first unreadable image instead of skipping it.
+        verify: fully decode JPEGs that are passed through, to catch corrupt ones.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`PackResult` (the manifest, the skipped images and the empty identities).
+
+    Raises:
+        PackError: the output exists and ``if_exists="refuse"``, a resume does not match, or ``strict`` hit a
+            bad image.
+    """
+    if if_exists not in IF_EXISTS:
+        raise PackError(f"if_exists must be one of {IF_EXISTS}, got {if_exists!r}")
+    if not 1 <= quality <= 100:
+        raise PackError(f"quality must be in [1, 100], got {quality}")
+    out = Path(out_dir)
+    scanned = scan_source(source, kind)
+    labels = {name: i for i, name in enumerate(scanned.identities)}
+    options = {"kind": scanned.kind, "prefix": prefix, "max_count": max_count, "max_mb": max_mb,
+               "quality": quality, "image_size": image_size, "verify": verify}
+    listing = _listing_hash(scanned, options)
+
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _existing_outputs(out, prefix)
+    state: dict[str, Any] = {"listing": listing, "items_done": 0, "shards": [], "class_counts": [0] * len(labels),
+                             "skipped": [], "sizes": []}
+    if existing:
+        if if_exists == "refuse":
+            raise PackError(f"{out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
+                            "pass --if-exists resume or overwrite")
+        finished = _finished_pack(out, listing)
+        if if_exists == "resume" and finished is not None:
+            log.info("%s: already packed from the same input with the same options; nothing to do", out)
+            return finished
+        if if_exists == "overwrite":
+            for path in existing:
+                path.unlink()
+        else:
+            state = _load_resume_state(out, listing)
+            for path in _existing_outputs(out, prefix):
+                if path.suffix == ".tmp" or (path.suffix == ".tar" and path.name not in
+                                             {s["name"] for s in state["shards"]}):
+                    path.unlink()  # a shard that was being written when the previous run stopped
+            log.info("resuming %s after %d of %d images (%d shards done)", out, state["items_done"],
+                     len(scanned.items), len(state["shards"]))
+
+    writer = ShardWriter(out, prefix=prefix, max_count=max_count, max_bytes=int(max_mb * 1024 * 1024),
+                         start_index=len(state["shards"]))
+    class_counts = list(state["class_counts"])
+    skipped = list(state["skipped"])
+    sizes = {tuple(s) for s in state["sizes"]}
+    jobs = ((i, scanned.items[i], quality, image_size, verify) for i in range(state["items_done"], len(scanned.items)))
+    for index, data, error, size in _run_jobs(jobs, workers, len(scanned.items) - state["items_done"], progress):
+        item = scanned.items[index]
+        if data is None:
+            where = item.ref if item.offset < 0 else f"{item.ref}@{item.offset}"
+            if strict:
+                raise PackError(f"{where}: unreadable image ({error}); stopped because strict=True")
+            log.warning("skipping %s: %s", where, error)
+            skipped.append({"item": where, "identity": item.identity, "error": error})
+            continue
+        label = labels[item.identity]
+        sizes.add(size)
+        class_counts[label] += 1
+        finished = writer.write(f"{index:09d}", data, label)
+        if finished is not None:
+            state["shards"].append({"name": finished.path.name, "count": finished.count, "bytes": finished.bytes,
+                                    "sha256": finished.sha256})
+            state.update(items_done=index + 1, class_counts=class_counts, skipped=skipped,
+                         sizes=sorted(list(s) for s in sizes))
+            _write_json(out / PROGRESS_NAME, state)
+    last = writer.close_shard()
+    if last is not None:
+        state["shards"].append({"name": last.path.name, "count": last.count, "bytes": last.bytes,
+                                "sha256": last.sha256})
+
+    shards = state["shards"]
+    emptied = [name for name, label in labels.items() if class_counts[label] == 0]
+    manifest = Manifest(
+        num_classes=len(labels), num_samples=sum(s["count"] for s in shards),
+        shards=[str(out / s["name"]) for s in shards], shard_counts=[s["count"] for s in shards],
+        class_counts=class_counts, label_map=labels,
+        source={"kind": scanned.kind, "path": scanned.path, **options, "listing_hash": listing},
+        content_hash=content_hash([s["sha256"] for s in shards]),
+        image_size=next(iter(sizes)) if len(sizes) == 1 else None,  # type: ignore[arg-type]
+        shard_hashes=[s["sha256"] for s in shards], shard_bytes=[s["bytes"] for s in shards],
+    )
+    write_manifest(out, manifest)
+    empty = scanned.empty_identities + emptied
+    report = {"source": scanned.path, "kind": scanned.kind, "num_images_in": len(scanned.items),
+              "num_samples": manifest.num_samples, "num_classes": manifest.num_classes,
+              "num_skipped": len(skipped), "skipped": skipped, "empty_identities": scanned.empty_identities,
+              "identities_emptied_by_skips": emptied}
+    _write_json(out / REPORT_NAME, report)
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    return PackResult(manifest, skipped, empty, out / REPORT_NAME)
+
+
+def _finished_pack(out: Path, listing: str) -> PackResult | None:
+    """The result of a finished pack of the same listing in ``out``, if there is one."""
+    from distrib_face.data.manifest import read_manifest
+
+    if not (out / MANIFEST_NAME).exists() or (out / PROGRESS_NAME).exists():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except ValueError:
+        return None
+    if manifest.source.get("listing_hash") != listing:
+        return None
+    report = json.loads((out / REPORT_NAME).read_text()) if (out / REPORT_NAME).exists() else {}
+    empty = report.get("empty_identities", []) + report.get("identities_emptied_by_skips", [])
+    return PackResult(manifest, report.get("skipped", []), empty, out / REPORT_NAME)
+
+
+def _load_resume_state(out: Path, listing: str) -> dict[str, Any]:
+    progress = out / PROGRESS_NAME
+    if not progress.exists():
+        raise PackError(f"{out}: holds shards but no {PROGRESS_NAME} (a finished pack, or not ours); "
+                        "use --if-exists overwrite to start again")
+    state = json.loads(progress.read_text())
+    if state.get("listing") != listing:
+        raise PackError(f"{progress}: was written for another input listing or other options; "
+                        "refusing to mix (use --if-exists overwrite)")
+    return state
+
+
+def _run_jobs(jobs: Iterator[tuple[int, Item, int, int | None, bool]], workers: int | None, total: int,
+              progress: bool) -> Iterator[tuple[int, bytes | None, str, tuple[int, int]]]:
+    from tqdm import tqdm
+
+    if workers is None:
+        workers = os.cpu_count() or 1
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr)
+    try:
+        if workers <= 1:
+            for job in jobs:
+                yield _prepare(job)
+                bar.update()
+            return
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers) as pool:
+            for result in pool.imap(_prepare, jobs, chunksize=16):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
