@@ -91,14 +91,59 @@ def _chunk_logits(
     return logits
 
 
-def _target_cosines(embeddings: Tensor, target_weight: Tensor, margin: Margin) -> tuple[Tensor, Tensor]:
-    """Cosine ``[n]`` of each row with its own class ``[n, K, D]`` (max over sub-centres), and norms ``[n, 1]``.
+def _target_cosines(
+    embeddings: Tensor, target_weight: Tensor, margin: Margin
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cosine ``[n]`` of each row with its own class ``[n, K, D]`` (max over sub-centres), feature norms
+    ``[n, 1]``, and the norm ``[n]`` of the weight row that gave the max (L-Softmax needs ``||W_y||``).
 
     Always in the statistics dtype: the target logit is the one number per row that must be exact.
     """
     x_unit, x_norm = _normalize(embeddings)
     w = _normalize(target_weight)[0] if margin.normalize_weights else target_weight
-    return torch.einsum("nd,nkd->nk", x_unit, w.to(x_unit.dtype)).amax(dim=-1), x_norm
+    per_center = torch.einsum("nd,nkd->nk", x_unit, w.to(x_unit.dtype))  # [n, K]
+    best = per_center.detach().argmax(dim=-1, keepdim=True)
+    w_norms = target_weight.norm(dim=-1).to(x_unit.dtype).gather(1, best).squeeze(1)
+    return per_center.amax(dim=-1), x_norm, w_norms
+
+
+@torch.no_grad()
+def _global_negative_logsumexp(
+    embeddings: Tensor,
+    weight: Tensor,
+    target_col: Tensor,
+    margin: Margin,
+    mctx: MarginContext,
+    num_subcenters: int,
+    chunk_size: int,
+    compute_dtype: torch.dtype | None,
+    group: Any,
+) -> Tensor:
+    """``log sum_i sum_{j != y_i} exp(negative logit_ij)`` over every row and every rank's classes (0-d).
+
+    A statistics pass for margins that need it (AdaCos), with the margin's current state and no gradient.
+    Every rank sees the same rows; each sums its own classes; then one MAX and one SUM all-reduce of a scalar.
+    """
+    stat_dtype = torch.promote_types(weight.dtype, torch.float32)
+    local_max = torch.full((), float("-inf"), dtype=stat_dtype, device=embeddings.device)
+    local_sum = torch.zeros((), dtype=stat_dtype, device=embeddings.device)
+    num_classes_here = weight.shape[0] // num_subcenters
+    for c0 in range(0, num_classes_here, chunk_size):
+        c1 = min(c0 + chunk_size, num_classes_here)
+        logits = _chunk_logits(
+            embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
+            num_subcenters, compute_dtype,
+        ).to(stat_dtype)
+        if logits.numel() == 0:
+            continue
+        new_max = torch.maximum(local_max, logits.max())
+        if torch.isfinite(new_max):
+            local_sum = local_sum * torch.exp(local_max - new_max) + torch.exp(logits - new_max).sum()
+            local_max = new_max
+    global_max = all_reduce_tensor(local_max, "max", group)
+    safe = global_max if torch.isfinite(global_max) else torch.zeros_like(global_max)
+    scaled = local_sum * torch.exp(local_max - safe) if torch.isfinite(local_max) else torch.zeros_like(local_sum)
+    return safe + torch.log(all_reduce_tensor(scaled, "sum", group))
 
 
 class _ShardedNegativeLogSumExp(torch.autograd.Function):
@@ -188,7 +233,8 @@ class ShardedMarginClassifier(nn.Module):
         compute_dtype: dtype of the cosine matmuls (e.g. ``torch.bfloat16``); softmax statistics stay float32+.
         embedding_grad_scale: multiplies the embeddings' gradient; set it to the data-parallel world size
             when the backbone's gradients are averaged over ranks (DeepSpeed / DDP), as arcface_torch does.
-        num_subcenters: ``K`` sub-centres per class (kept on the same shard; the cosine is their max).
+        num_subcenters: ``K`` sub-centres per class (kept on the same shard; the cosine is their max);
+            ``None``: the margin's (3 for ``subcenter_arcface``, else 1).
 
     Example:
         ``loss = clf(local_embeddings, local_labels)`` returns the mean loss over the global batch,
@@ -209,13 +255,19 @@ class ShardedMarginClassifier(nn.Module):
         chunk_size: int = 65536,
         compute_dtype: torch.dtype | None = None,
         embedding_grad_scale: float = 1.0,
-        num_subcenters: int = 1,
+        num_subcenters: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.margin = create_margin(margin)
+        margin_k = int(getattr(self.margin, "num_subcenters", 1))
+        if num_subcenters is None:
+            num_subcenters = margin_k
+        elif margin_k != 1 and num_subcenters != margin_k:
+            raise ValueError(f"num_subcenters={num_subcenters} but margin {self.margin.spec.name!r} wants {margin_k}")
         if num_subcenters < 1:
             raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
         self.group = group
@@ -226,13 +278,19 @@ class ShardedMarginClassifier(nn.Module):
         self.num_subcenters = int(num_subcenters)
         self.sample_rate, self.seed, self.chunk_size = float(sample_rate), int(seed), int(chunk_size)
         self.compute_dtype, self.embedding_grad_scale = compute_dtype, float(embedding_grad_scale)
-        self.margin = create_margin(margin)
+        self.margin.set_num_classes(self.num_classes)
+        # A margin with a per-class bias (plain softmax) gets it as an extra weight column, fed by a constant-1
+        # feature: the shard, its optimizer state and Partial FC sampling then cover the bias with no extra code.
+        self.bias_columns = 1 if getattr(self.margin, "uses_bias", False) else 0
         device = torch.device(device) if device is not None else torch.device("cpu")
         rows = init_class_rows(
-            *self.class_range, (self.num_subcenters, self.embedding_size), seed=self.seed, dtype=dtype, device=device
+            *self.class_range, (self.num_subcenters, self.embedding_size + self.bias_columns), seed=self.seed,
+            dtype=dtype, device=device,
         )
-        # [C_local * K, D]: sub-centres of a class are adjacent rows.
-        self.weight = nn.Parameter(rows.view(-1, self.embedding_size))
+        if self.bias_columns:
+            rows[..., -1] = 0.0
+        # [C_local * K, D (+1 bias column)]: sub-centres of a class are adjacent rows.
+        self.weight = nn.Parameter(rows.view(-1, rows.shape[-1]))
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64), persistent=True)
         self._active: tuple[Tensor | None, Tensor] | None = None
 
@@ -287,6 +345,9 @@ class ShardedMarginClassifier(nn.Module):
         stat_dtype = torch.promote_types(self.weight.dtype, torch.float32)
         embeddings = gather_with_grad(local_embeddings.to(stat_dtype), self.group, self.embedding_grad_scale)
         labels = all_gather_variable(local_labels.to(torch.int64), self.group)  # [B_global]
+        global_norms = embeddings.detach().norm(dim=1)  # [B_global], for margins that use batch statistics
+        if self.bias_columns:
+            embeddings = torch.cat([embeddings, embeddings.new_ones(embeddings.shape[0], 1)], dim=1)
         if bool(((labels < 0) | (labels >= self.num_classes)).any()):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
             raise ValueError(f"label {bad} outside [0, {self.num_classes})")
@@ -308,20 +369,31 @@ class ShardedMarginClassifier(nn.Module):
 
         # Target logits on the owning rank, with autograd; summed over ranks into [B_global].
         own_rows = owned.nonzero(as_tuple=True)[0]
-        target_weight = weight.view(-1, k, self.embedding_size)[local_target[own_rows]]  # [n, K, D]
-        cos_target, norms = _target_cosines(embeddings[own_rows], target_weight, self.margin)
+        target_weight = weight.view(-1, k, weight.shape[-1])[local_target[own_rows]]  # [n, K, D]
+        cos_target, norms, w_norms = _target_cosines(embeddings[own_rows], target_weight, self.margin)
         num_rows = embeddings.shape[0]
         cos_all = torch.zeros(num_rows, dtype=stat_dtype, device=embeddings.device)
         cos_all = all_reduce_tensor(cos_all.index_put((own_rows,), cos_target.detach()), "sum", self.group)
-        self.margin.begin_step(StepStats(target_cos=cos_all, training=self.training))
-        mctx = MarginContext(feature_norms=norms, labels=labels[own_rows], target_cos=cos_all[own_rows])
+        neg_ctx = MarginContext(feature_norms=None, labels=labels, target_cos=cos_all)  # norms: per chunk
+        negative_lse = None
+        if getattr(self.margin, "needs_negative_stats", False):
+            negative_lse = _global_negative_logsumexp(
+                embeddings, weight, target_col, self.margin, neg_ctx, k, self.chunk_size, self.compute_dtype,
+                self.group,
+            )
+        self.margin.begin_step(StepStats(
+            target_cos=cos_all, training=self.training, feature_norms=global_norms, negative_logsumexp=negative_lse,
+        ))
+        mctx = MarginContext(
+            feature_norms=norms, labels=labels[own_rows], target_cos=cos_all[own_rows], row_index=own_rows,
+            weight_norms=w_norms,
+        )
         target_local = self.margin.target_logit(cos_target, mctx).to(stat_dtype)
         target_logits = torch.zeros(num_rows, dtype=stat_dtype, device=embeddings.device).index_put(
             (own_rows,), target_local
         )
         target_logits = all_reduce_sum_replicated_grad(target_logits, self.group)
 
-        neg_ctx = MarginContext(feature_norms=None, labels=labels, target_cos=cos_all)  # norms: per chunk
         lse = _ShardedNegativeLogSumExp.apply(
             embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunk_size,
             self.compute_dtype, self.group,
