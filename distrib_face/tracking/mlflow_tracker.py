@@ -1,17 +1,18 @@
 """The MLflow tracker: one run per training job, continued (same run id) when a restarted job resumes.
 
 Only rank 0 creates one (``create_tracker(enabled=rank == 0, ...)``). Talks to MLflow through an
-``MlflowClient`` bound to the tracker's URI, so several trackers in one process do not share state; the one
-exception is :meth:`MLflowTracker.log_onnx_model`, whose MLflow API resolves the URI and experiment from
-the process-wide fluent state (it sets them to this tracker's).
+``MlflowClient`` bound to the tracker's URI, so several trackers in one process do not share state, and
+MLflow's process-wide ("fluent") state is left as it was (:meth:`MLflowTracker.log_onnx_model` needs it
+set and restores it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -85,6 +86,45 @@ def _as_float(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"metric {key!r} must be a real number, got {type(value).__name__}: {value!r}")
     return float(value)
+
+
+@contextlib.contextmanager
+def fluent_mlflow_state(
+    tracking_uri: str, registry_uri: str | None = None, experiment_id: str | None = None
+) -> Iterator[None]:
+    """Point MLflow's process-wide ("fluent") tracking URI, registry URI (default: the tracking URI) and
+    experiment (if given) at ours, then restore them: e.g. to ``mlflow.pyfunc.load_model("models:/...")``
+    from a given store.
+
+    MLflow keeps these in module globals mirrored into ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` /
+    ``MLFLOW_EXPERIMENT_ID``; leaving them changed would redirect any later MLflow use in this process
+    (and its children) to this tracker's store.
+    """
+    import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
+    saved_registry = getattr(registry_utils, "_registry_uri", None)
+    saved_experiment = getattr(fluent, "_active_experiment_id", None)
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(registry_uri or tracking_uri)
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_tracking)
+        registry_utils._registry_uri = saved_registry
+        fluent._active_experiment_id = saved_experiment
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def onnx_signature(onnx_model: Any) -> Any:
@@ -313,9 +353,10 @@ class MLflowTracker(Tracker):
     def log_onnx_model(self, onnx_path: PathLike, name: str, register_as: str | None = None) -> str | None:
         """Log ``onnx_path`` as an MLflow model (ONNX flavour) named ``name``, its signature read from the graph.
 
-        Sets this process's MLflow fluent tracking/registry URI and experiment to this tracker's (the MLflow
-        model-logging API reads them from there). With ``register_as``, a new version of that registered
-        model is created (the registered model too if missing).
+        MLflow's model-logging API reads the tracking/registry URI and experiment from process-wide state;
+        they point at this tracker's for the duration of the call and are restored afterwards. With
+        ``register_as``, a new version of that registered model is created (the registered model too if
+        missing).
 
         Returns:
             The model URI (``models:/<model_id>``), loadable with ``mlflow.pyfunc.load_model`` or
@@ -330,18 +371,17 @@ class MLflowTracker(Tracker):
             raise FileNotFoundError(f"ONNX model to log does not exist: {path}")
         model = onnx.load(str(path))
         signature = onnx_signature(model)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or self.tracking_uri)
-        mlflow.set_experiment(experiment_id=self.experiment_id)
-        info = mlflow.onnx.log_model(
-            model,
-            name=name,
-            signature=signature,
-            registered_model_name=register_as,
-            # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            run_id=self._run_id,
-        )
+        registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or self.tracking_uri
+        with fluent_mlflow_state(self.tracking_uri, registry_uri, self.experiment_id):
+            info = mlflow.onnx.log_model(
+                model,
+                name=name,
+                signature=signature,
+                registered_model_name=register_as,
+                # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                run_id=self._run_id,
+            )
         self.set_tags({f"model.{name}.uri": info.model_uri})
         if register_as:
             logger.info("MLflow: registered %s as %r version %s", info.model_uri, register_as, info.registered_model_version)

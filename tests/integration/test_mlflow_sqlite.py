@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distrib_face.tracking import create_tracker, plot_loss_curve
-from distrib_face.tracking.mlflow_tracker import MLflowTracker, TrackingError
+from distrib_face.tracking.mlflow_tracker import MLflowTracker, TrackingError, fluent_mlflow_state
 from distrib_face.tracking.params import REDACTED
 
 
@@ -180,20 +180,25 @@ def test_onnx_model_logged_loadable_and_registered(store, tmp_path):
 
     model = export_tiny_onnx(tmp_path / "model.onnx")
     tracker = create_tracker(True, store["uri"], "models")
+    env_before, uri_before = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
     uri = tracker.log_onnx_model(tmp_path / "model.onnx", "model", register_as="tiny-face")
     tracker.end()
+    # MLflow's process-wide state is left as it was.
+    assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()) == (env_before, uri_before)
 
     images = torch.randn(3, 3, 112, 112)
     with torch.no_grad():
         expected = model(images).numpy()
-    loaded = mlflow.pyfunc.load_model(uri)
+    with fluent_mlflow_state(store["uri"]):  # "models:/" URIs resolve through the process-wide URI
+        loaded = mlflow.pyfunc.load_model(uri)
+        onnx_model = mlflow.onnx.load_model("models:/tiny-face/1")
     signature = loaded.metadata.signature
     assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [("input", np.dtype("float32"), (-1, 3, 112, 112))]
     assert [(s.name, s.shape) for s in signature.outputs.inputs] == [("embedding", (-1, 512))]
     predicted = loaded.predict(images.numpy())
     np.testing.assert_allclose(predicted["embedding"], expected, rtol=1e-4, atol=1e-5)
 
-    versions = MlflowClient(store["uri"]).search_model_versions("name = 'tiny-face'")
+    client = MlflowClient(store["uri"])
+    versions = client.search_model_versions("name = 'tiny-face'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", tracker.run_id)]
-    onnx_model = mlflow.onnx.load_model("models:/tiny-face/1")
     assert [i.name for i in onnx_model.graph.input] == ["input"]
