@@ -195,6 +195,7 @@ def evaluate_templates(
     far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
     normalize_images: bool = False,
     use_face_scores: bool = True,
+    nfolds: int = 10,
 ) -> VerificationResult:
     """TAR@FAR (and the other verification metrics) over the protocol's template pairs.
 
@@ -204,6 +205,7 @@ def evaluate_templates(
         far_targets: FARs at which the TAR is reported (IJB-C's 15.6M impostor-heavy pairs reach 1e-6).
         normalize_images: see :func:`template_features`.
         use_face_scores: weight images by the detector score when the protocol has them (insightface's default).
+        nfolds: folds of the (secondary) accuracy figure; at most the number of pairs.
 
     Returns:
         A :class:`VerificationResult` named after the target; its accuracy is the 10-fold accuracy over the
@@ -212,7 +214,9 @@ def evaluate_templates(
     weights = protocol.face_scores if use_face_scores else None
     ids, feats = template_features(image_features, protocol.templates, protocol.medias, normalize_images, weights)
     scores = template_pair_scores(ids, feats, protocol.pair_templates)
-    result = verification_metrics_from_scores(scores, protocol.labels, far_targets=far_targets, name=protocol.target)
+    result = verification_metrics_from_scores(
+        scores, protocol.labels, nfolds=min(nfolds, len(scores)), far_targets=far_targets, name=protocol.target
+    )
     result.norm_stats = feature_norm_stats(image_features)
     return result
 

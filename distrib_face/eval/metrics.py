@@ -145,7 +145,7 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> RocCurve:
     num_genuine, num_impostor = int(issame.sum()), int((~issame).sum())
     if num_genuine == 0 or num_impostor == 0:
         raise ValueError(f"ROC needs both kinds of pairs: {num_genuine} genuine, {num_impostor} impostor")
-    order = np.argsort(-scores, kind="mergesort")
+    order = np.argsort(-scores)
     sorted_scores, sorted_same = scores[order], issame[order]
     # the last index of each run of equal scores: accepting ">= that score" takes the whole run
     distinct_end = np.r_[np.nonzero(np.diff(sorted_scores))[0], sorted_scores.size - 1]
@@ -200,7 +200,7 @@ def tar_at_far(
     genuine = np.sort(scores[issame])
     impostor = np.sort(scores[~issame])[::-1]  # descending
     result: dict[float, float | None] = {}
-    notes: list[str] = []
+    unmeasurable: list[float] = []
     for far in far_targets:
         far = float(far)
         if not 0.0 < far <= 1.0:
@@ -208,9 +208,7 @@ def tar_at_far(
         allowed = math.floor(far * impostor.size + 1e-9)
         if allowed < 1:
             result[far] = None
-            notes.append(
-                f"TAR@FAR={far:.0e} not measurable: {impostor.size} impostor pairs, needs >= {math.ceil(1 / far)}"
-            )
+            unmeasurable.append(far)
             continue
         if allowed >= impostor.size:
             result[far] = 1.0
@@ -219,22 +217,33 @@ def tar_at_far(
         cut = impostor[allowed]
         accepted = genuine.size - int(np.searchsorted(genuine, cut, side="right"))
         result[far] = accepted / genuine.size if genuine.size else float("nan")
+    notes = []
+    if unmeasurable:
+        notes.append(
+            f"TAR@FAR={', '.join(f'{far:.0e}' for far in unmeasurable)} not measurable (reported as None): "
+            f"{impostor.size} impostor pairs, a FAR f needs >= 1/f of them"
+        )
     return result, notes
 
 
-def _best_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
-    """Threshold maximising accuracy of ``score >= t`` on the given pairs.
+def _best_threshold(sorted_scores: np.ndarray, sorted_same: np.ndarray) -> float:
+    """Threshold maximising accuracy of ``score >= t`` on pairs sorted by ascending score.
 
     Candidates are midpoints between consecutive distinct scores plus one below the minimum and one above
-    the maximum; among equally accurate ones the lowest is taken.
+    the maximum; among equally accurate ones the lowest is taken. O(n): accepting from sorted position
+    ``i`` on gets the genuine pairs at ``i..n-1`` right and the impostor pairs at ``0..i-1``.
     """
-    distinct = np.unique(scores)
-    candidates = np.r_[distinct[0] - 1.0, (distinct[:-1] + distinct[1:]) / 2.0, distinct[-1] + 1.0]
-    genuine = np.sort(scores[issame])
-    impostor = np.sort(scores[~issame])
-    true_accepts = genuine.size - np.searchsorted(genuine, candidates, side="left")
-    true_rejects = np.searchsorted(impostor, candidates, side="left")
-    return float(candidates[int(np.argmax(true_accepts + true_rejects))])
+    n = sorted_scores.size
+    genuine_before = np.r_[0, np.cumsum(sorted_same)]  # [n + 1]: genuine pairs among the first i
+    impostor_before = np.arange(n + 1) - genuine_before
+    cut = np.r_[0, np.nonzero(np.diff(sorted_scores))[0] + 1, n]  # positions between distinct scores
+    correct = (genuine_before[-1] - genuine_before[cut]) + impostor_before[cut]
+    i = int(cut[int(np.argmax(correct))])
+    if i == 0:
+        return float(sorted_scores[0] - 1.0)
+    if i == n:
+        return float(sorted_scores[-1] + 1.0)
+    return float((sorted_scores[i - 1] + sorted_scores[i]) / 2.0)
 
 
 def _accuracy(scores: np.ndarray, issame: np.ndarray, threshold: float) -> float:
@@ -268,11 +277,15 @@ def kfold_accuracy(
     fold_ids = np.unique(folds)
     if fold_ids.size < 2:
         raise ValueError(f"k-fold accuracy needs at least 2 folds: got fold ids {fold_ids.tolist()}")
+    # one sort for all folds: dropping a fold from the sorted arrays keeps the rest sorted
+    order = np.argsort(scores)
+    sorted_scores, sorted_same, sorted_folds = scores[order], issame[order], folds[order]
     accuracies, thresholds = [], []
     for fold in fold_ids:
-        test = folds == fold
-        threshold = _best_threshold(scores[~test], issame[~test])
+        train = sorted_folds != fold
+        threshold = _best_threshold(sorted_scores[train], sorted_same[train])
         thresholds.append(threshold)
+        test = folds == fold
         accuracies.append(_accuracy(scores[test], issame[test], threshold))
     return accuracies, thresholds
 
@@ -322,7 +335,7 @@ def verification_metrics_from_scores(
     roc = roc_curve(scores, issame)
     tars, notes = tar_at_far(scores, issame, far_targets)
     for note in notes:
-        logger.warning("%s%s", f"{name}: " if name else "", note)
+        logger.info("%s%s", f"{name}: " if name else "", note)
     eer, eer_threshold = equal_error_rate(roc)
     return VerificationResult(
         accuracy=float(np.mean(fold_acc)),
