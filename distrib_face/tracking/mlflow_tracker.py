@@ -35,6 +35,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 #: Folder (beside the sqlite database) for artifacts when no ``artifact_location`` is given.
 DEFAULT_ARTIFACT_DIRNAME = "mlartifacts"
 
+#: Seconds to wait before sending metrics again after the store refused them.
+METRIC_RETRY_INTERVAL_S = 60.0
+#: Metrics kept while the store is unreachable (a few hours of logging at typical intervals).
+MAX_PENDING_METRICS = 100_000
+
 # MLflow's per-request limits for log_batch (mlflow.utils.validation).
 _PARAMS_TAGS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
@@ -183,7 +188,10 @@ class MLflowTracker(Tracker):
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
         self._ended = False
         self._known_params: dict[str, str] | None = None
-        self._metric_failures = 0
+        # Metrics the store did not take yet (it was unreachable), oldest first, and when to try again.
+        self._pending_metrics: list[Any] = []
+        self._metrics_paused_until = 0.0
+        self.metric_retry_interval_s = METRIC_RETRY_INTERVAL_S
         shown_uri = redact_value(self.tracking_uri)
         if run_id:
             run = self._resume(run_id)
@@ -270,6 +278,8 @@ class MLflowTracker(Tracker):
             raise ValueError(f"run status must be one of {END_STATUSES}, got {status!r}")
         if self._ended:
             return
+        if self._pending_metrics and not self._flush_metrics():
+            logger.warning("MLflow: %d metrics could not be logged before the run ended", len(self._pending_metrics))
         self._client.set_terminated(self._run_id, status=status)
         self._ended = True
         logger.info("MLflow: run %s ended %s", self._run_id, status)
@@ -305,23 +315,40 @@ class MLflowTracker(Tracker):
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log scalar ``metrics`` at ``step``.
 
-        A value that is not a real number raises ``TypeError``; NaN/Inf are logged as they are. A failure
-        of the tracking store (server unreachable after MLflow's retries) is logged as a warning and does
-        not stop training.
+        A value that is not a real number raises ``TypeError``; NaN/Inf are logged as they are. When the
+        store refuses (a server unreachable after MLflow's own retries), training goes on: the metrics are
+        kept (up to ``MAX_PENDING_METRICS``, oldest dropped first), a warning is logged, and they are sent
+        with the next call after ``metric_retry_interval_s`` seconds (or at :meth:`end`).
         """
         from mlflow.entities import Metric
-        from mlflow.exceptions import MlflowException
 
         timestamp = int(time.time() * 1000)
-        entries = [Metric(key, _as_float(key, value), timestamp, int(step)) for key, value in metrics.items()]
+        self._pending_metrics.extend(
+            Metric(key, _as_float(key, value), timestamp, int(step)) for key, value in metrics.items()
+        )
+        if len(self._pending_metrics) > MAX_PENDING_METRICS:
+            dropped = len(self._pending_metrics) - MAX_PENDING_METRICS
+            del self._pending_metrics[:dropped]
+            logger.warning("MLflow: dropped the %d oldest metrics the store has not taken", dropped)
+        if time.monotonic() >= self._metrics_paused_until:
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
         try:
-            for start in range(0, len(entries), _METRICS_PER_BATCH):
-                self._client.log_batch(self._run_id, metrics=entries[start : start + _METRICS_PER_BATCH])
+            while self._pending_metrics:
+                batch = self._pending_metrics[:_METRICS_PER_BATCH]
+                self._client.log_batch(self._run_id, metrics=batch)
+                del self._pending_metrics[: len(batch)]
         except (MlflowException, OSError) as error:
-            self._metric_failures += 1
+            self._metrics_paused_until = time.monotonic() + self.metric_retry_interval_s
             logger.warning(
-                "MLflow: could not log metrics at step %d (%d failures so far): %s", step, self._metric_failures, error
+                "MLflow: could not log metrics (%d waiting; next try in %.0f s): %s",
+                len(self._pending_metrics), self.metric_retry_interval_s, error,
             )
+            return False
+        return True
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

@@ -115,6 +115,23 @@ def test_resume_continues_the_same_run(store, caplog):
         create_tracker(True, store["uri"], "resume", run_id="0123456789abcdef")
 
 
+def test_metrics_kept_while_the_store_refuses(store, caplog):
+    from mlflow import MlflowClient
+
+    tracker = create_tracker(True, store["uri"], "outage")
+    tracker.metric_retry_interval_s = 3600.0
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    MlflowClient(store["uri"]).delete_run(tracker.run_id)  # a real refusal: the store rejects a deleted run
+    tracker.log_metrics({"loss": 2.0}, step=2)  # no exception: training would go on
+    assert "could not log metrics" in caplog.text
+    MlflowClient(store["uri"]).restore_run(tracker.run_id)
+    tracker.log_metrics({"loss": 3.0}, step=3)  # within the retry interval: kept, not sent
+    query = "SELECT step, value FROM metrics WHERE run_uuid = ? ORDER BY step"
+    assert _query(store, query, tracker.run_id) == [(1, 1.0)]
+    tracker.end()  # sends what was waiting
+    assert _query(store, query, tracker.run_id) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
 def test_failed_block_marks_run_failed(store):
     with pytest.raises(ZeroDivisionError):
         with create_tracker(True, store["uri"], "failing") as tracker:
