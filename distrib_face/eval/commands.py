@@ -53,6 +53,20 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--name", default=None, help="the set's name (default: the .bin stem or the image folder name)")
     p.set_defaults(func=_pack_pairs)
 
+    p = groups["bench"].add_parser(
+        "eval",
+        help="time the verification metrics at IJB-C scale (and embedding img/s with --model)",
+        description="Times tar_at_far, roc_curve and all verification metrics on synthetic scores "
+        "(default: IJB-C's 15,658,489 template pairs, 19,557 genuine); with --model, embedding throughput.",
+    )
+    p.add_argument("--num-pairs", type=int, default=15_658_489)
+    p.add_argument("--num-genuine", type=int, default=19_557)
+    p.add_argument("--model", default=None, help="also time embed_images with this model (see `eval --model`)")
+    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_bench)
+
 
 def _fmt_pct(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
@@ -153,4 +167,46 @@ def _pack_pairs(args: argparse.Namespace) -> int:
         f"wrote {path}: {pairs.name!r}, {pairs.num_pairs} pairs ({int(pairs.issame.sum())} same), "
         f"{len(pairs.images)} images, folds: {folds}"
     )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from distrib_face.eval.metrics import roc_curve, tar_at_far, verification_metrics_from_scores
+
+    if not 0 < args.num_genuine < args.num_pairs:
+        print(f"distrib-face bench eval: need 0 < --num-genuine < --num-pairs, got {args.num_genuine}", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(0)
+    issame = np.zeros(args.num_pairs, dtype=bool)
+    issame[rng.choice(args.num_pairs, args.num_genuine, replace=False)] = True
+    scores = rng.normal(issame * 3.0, 1.0)
+    rows = []
+    for name, fn in (
+        ("tar_at_far", lambda: tar_at_far(scores, issame)),
+        ("roc_curve", lambda: roc_curve(scores, issame)),
+        ("verification_metrics_from_scores (10-fold, ROC, TAR, AUC, EER)", lambda: verification_metrics_from_scores(scores, issame)),
+    ):
+        start = time.perf_counter()
+        fn()
+        rows.append((f"{name}, {args.num_pairs:,} pairs", f"{time.perf_counter() - start:.1f} s"))
+    if args.model:
+        from distrib_face.eval.embed import embed_images, load_model
+
+        model = load_model(args.model, device=args.device)
+        images = rng.integers(0, 256, (args.num_images, *getattr(model, "input_size", (112, 112)), 3), dtype=np.uint8)
+        embed_images(model, images[: args.batch_size], batch_size=args.batch_size)  # warm-up
+        for flip in (False, True):
+            start = time.perf_counter()
+            embed_images(model, images, batch_size=args.batch_size, flip=flip)
+            rate = args.num_images / (time.perf_counter() - start)
+            rows.append((f"embed_images {args.model} flip={flip} batch={args.batch_size}", f"{rate:.1f} img/s"))
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'what'.ljust(width)} | result |")
+    print(f"|{'-' * (width + 2)}|--------|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
     return 0
