@@ -263,7 +263,9 @@ class MLflowTracker(Tracker):
                 return None
             return artifact_location
         if artifact_location:
-            return str(Path(artifact_location).resolve()) if _is_local_location(artifact_location) else artifact_location
+            if _is_local_location(artifact_location):
+                return str(Path(artifact_location).resolve())
+            return artifact_location
         db_path = sqlite_database_path(self.tracking_uri)
         if db_path is not None:
             return str(db_path.parent / DEFAULT_ARTIFACT_DIRNAME)
@@ -411,6 +413,8 @@ class MLflowTracker(Tracker):
             )
         self.set_tags({f"model.{name}.uri": info.model_uri})
         if register_as:
-            logger.info("MLflow: registered %s as %r version %s", info.model_uri, register_as, info.registered_model_version)
+            logger.info(
+                "MLflow: registered %s as %r version %s", info.model_uri, register_as, info.registered_model_version
+            )
         return info.model_uri
 

@@ -62,7 +62,9 @@ def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
     return _save(figure, path)
 
 
-def class_size_histogram(class_counts: Iterable[int] | Mapping[object, int], num_bins: int = 30) -> tuple[np.ndarray, np.ndarray]:
+def class_size_histogram(
+    class_counts: Iterable[int] | Mapping[object, int], num_bins: int = 30
+) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of images per identity on logarithmic bins.
 
     Args:
