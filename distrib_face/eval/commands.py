@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
         help="verification metrics of a model on pair sets (and IJB templates)",
         description="Embed each pair set with the model and print accuracy (10-fold), TAR@FAR, AUC and EER.",
     )
-    p.add_argument("--model", required=True, help="an .onnx file, a backbone file (save_backbone) or a checkpoint folder with backbone.pt")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an .onnx file, a backbone file (save_backbone) or a checkpoint folder with backbone.pt",
+    )
     p.add_argument(
         "--pairs",
         action="append",
@@ -27,8 +31,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
         metavar="P",
         help="a pair-set .npz (pack-pairs), an insightface .bin, a pairs.txt or a folder with pairs.txt; repeatable",
     )
-    p.add_argument("--images", default=None, help="image folder for a pairs.txt given with --pairs (default: its folder)")
-    p.add_argument("--ijb", default=None, metavar="ROOT", help="IJB root with meta/ and loose_crop/ (template verification)")
+    p.add_argument("--images", default=None, help="image folder for a pairs.txt in --pairs (default: its folder)")
+    p.add_argument("--ijb", default=None, metavar="ROOT", help="IJB root with meta/ and loose_crop/ (templates)")
     p.add_argument("--ijb-target", default="ijbc", help="IJB file prefix: ijbc or ijbb (default ijbc)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
@@ -36,7 +40,14 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--nfolds", type=int, default=10, help="folds of the accuracy protocol when a set has none")
     p.add_argument("--roc", default=None, metavar="PNG", help="write all ROC curves into this PNG (log-scale FAR)")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH", help="write results as JSON (to PATH, or stdout instead of the table)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write results as JSON (to PATH, or stdout instead of the table)",
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -93,7 +104,10 @@ def format_table(results: list[Any]) -> str:
             ]
         )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for r in results:
         lines += [f"note ({r.name}): {note}" for note in r.notes]
@@ -188,7 +202,10 @@ def _bench(args: argparse.Namespace) -> int:
     for name, fn in (
         ("tar_at_far", lambda: tar_at_far(scores, issame)),
         ("roc_curve", lambda: roc_curve(scores, issame)),
-        ("verification_metrics_from_scores (10-fold, ROC, TAR, AUC, EER)", lambda: verification_metrics_from_scores(scores, issame)),
+        (
+            "verification_metrics_from_scores (10-fold, ROC, TAR, AUC, EER)",
+            lambda: verification_metrics_from_scores(scores, issame),
+        ),
     ):
         start = time.perf_counter()
         fn()

@@ -263,7 +263,9 @@ def evaluate_pairset(
     The set's own folds (``PairSet.folds``) are used when present, else ``nfolds`` contiguous folds.
     See :func:`embed_images` for ``model``, ``batch_size``, ``device``, ``flip`` and ``image_size``.
     """
-    embeddings = embed_images(model, pairset.images, batch_size=batch_size, device=device, flip=flip, image_size=image_size)
+    embeddings = embed_images(
+        model, pairset.images, batch_size=batch_size, device=device, flip=flip, image_size=image_size
+    )
     result = verification_metrics(
         embeddings[0::2],
         embeddings[1::2],

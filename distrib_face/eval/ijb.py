@@ -264,7 +264,7 @@ def align_face(image: Image.Image, landmarks: np.ndarray, size: tuple[int, int] 
 
 
 def load_ijb_images(protocol: IjbProtocol, indices: Sequence[int], size: tuple[int, int] = (112, 112)) -> np.ndarray:
-    """Read images ``indices`` of the protocol from ``loose_crop/``, aligned when landmarks exist; uint8 [n, H, W, 3]."""
+    """Images ``indices`` of the protocol from ``loose_crop/``, aligned when landmarks exist; uint8 [n, H, W, 3]."""
     out = []
     for i in indices:
         path = protocol.root / "loose_crop" / str(protocol.image_names[i])

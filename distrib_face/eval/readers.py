@@ -72,7 +72,9 @@ def read_bin(path: str | os.PathLike, name: str | None = None) -> PairSet:
         raise ValueError(f"{path}: expected a pair (images, issame), got {type(obj).__name__}")
     images, issame = obj
     if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple)):
-        raise ValueError(f"{path}: images and issame must be lists, got {type(images).__name__}, {type(issame).__name__}")
+        raise ValueError(
+            f"{path}: images and issame must be lists, got {type(images).__name__}, {type(issame).__name__}"
+        )
     bad = next((i for i, b in enumerate(images) if not isinstance(b, (bytes, bytearray))), None)
     if bad is not None:
         raise ValueError(f"{path}: image {bad} is {type(images[bad]).__name__}, not bytes")
@@ -151,7 +153,8 @@ def read_lfw_pairs(
                 raise ValueError(f"{len(tokens)} fields")
         except ValueError as err:
             raise ValueError(
-                f"{pairs_path}:{line_no}: expected 'name n1 n2' or 'name1 n1 name2 n2', got {' '.join(tokens)!r} ({err})"
+                f"{pairs_path}:{line_no}: expected 'name n1 n2' or 'name1 n1 name2 n2', "
+                f"got {' '.join(tokens)!r} ({err})"
             ) from err
         for person, number in people:
             images.append(_find_image(images_dir, person, number, pairs_path, line_no).read_bytes())

@@ -129,6 +129,7 @@ def test_eval_backbone_checkpoint_json_stdout(shared_data, tmp_path):
     kwargs = {"embedding_size": 64}
     net = models.create_backbone("mobilefacenet_tiny", **kwargs)
     models.save_backbone(tmp_path / "ckpt" / "backbone.pt", net, "mobilefacenet_tiny", kwargs)
-    out = json.loads(_run("eval", "--model", str(tmp_path / "ckpt"), "--pairs", str(tmp_path / "orl.npz"), "--no-flip", "--json"))
+    argv = ["eval", "--model", str(tmp_path / "ckpt"), "--pairs", str(tmp_path / "orl.npz"), "--no-flip", "--json"]
+    out = json.loads(_run(*argv))
     assert out["flip"] is False
     _check_result(out["results"][0], 20)
