@@ -38,8 +38,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if ds.zero_stage > 0:
         # A torch optimizer (SGD in particular) is "untested" for ZeRO in DeepSpeed's eyes; it works.
         out["zero_allow_untested_optimizer"] = True
-    if cfg.optim.grad_clip:
-        out["gradient_clipping"] = cfg.optim.grad_clip
+    # Always explicit: DeepSpeed 0.19.8 defaults to gradient_clipping 1.0, silently clipping every step.
+    out["gradient_clipping"] = float(cfg.optim.grad_clip or 0.0)
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
         # Without this, BatchNorm's fp32 running stats meet bf16 activations: "expected scalar type BFloat16".
@@ -123,17 +123,20 @@ def build_engine(cfg: Config, backbone: nn.Module, lr: float, device: torch.devi
 
 
 def _init_single_process_group(deepspeed: Any, device: torch.device) -> None:
-    """DeepSpeed needs a process group even for one process: make a world of 1 on a free local port."""
+    """Let DeepSpeed join the process group; for a lone process without one, make a world of 1 first.
+
+    DeepSpeed reuses an existing torch process group (Ray, torchrun, tests); a single process started
+    without any launcher gets ``RANK=0, WORLD_SIZE=1`` and a free local port so that DeepSpeed has one too.
+    """
     import socket
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("WORLD_SIZE > 1 but no process group: call distrib_face.parallel.init_distributed first")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(port))):
-        os.environ.setdefault(key, value)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "MASTER_ADDR" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
