@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
                        help=".npz with 'embeddings' [N, D], 'labels' [N] and optionally 'keys' [N] (sample names)")
     clean.add_argument("--threshold", type=float, default=75.0, help="angle in degrees (default 75, the paper's)")
     clean.add_argument("--output", required=True,
-                       help="folder: noisy.csv (index,key,label,angle_degrees) and dominant.npz (dominant, counts, weight)")
+                       help="folder: noisy.csv (index,key,label,angle_degrees) and dominant.npz "
+                            "(dominant, counts, weight)")
     clean.set_defaults(func=_clean_subcenters)
 
 

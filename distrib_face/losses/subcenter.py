@@ -56,7 +56,9 @@ def clean_subcenters(
         raise ValueError(f"weight must be [C, K, D], got shape {tuple(weight.shape)}")
     num_classes, k, dim = weight.shape
     if embeddings.ndim != 2 or embeddings.shape[1] != dim or len(labels) != len(embeddings):
-        raise ValueError(f"embeddings must be [N, {dim}] with N labels; got {tuple(embeddings.shape)}, {len(labels)} labels")
+        raise ValueError(
+            f"embeddings must be [N, {dim}] with N labels; got {tuple(embeddings.shape)}, {len(labels)} labels"
+        )
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")

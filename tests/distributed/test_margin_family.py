@@ -89,7 +89,8 @@ def reference_step(margin, emb: torch.Tensor, labels: torch.Tensor, weight: torc
     negative_lse = None
     if margin.needs_negative_stats:
         with torch.no_grad():
-            negatives = margin.negative_logits(cos, neg_ctx).index_put((rows, labels), torch.tensor(float("-inf"), dtype=cos.dtype))
+            minus_inf = torch.tensor(float("-inf"), dtype=cos.dtype)
+            negatives = margin.negative_logits(cos, neg_ctx).index_put((rows, labels), minus_inf)
             negative_lse = torch.logsumexp(negatives.reshape(-1), dim=0)
     margin.begin_step(StepStats(target_cos=target_cos.detach(), training=True,
                                 feature_norms=emb.detach().norm(dim=1), negative_logsumexp=negative_lse))
@@ -143,7 +144,8 @@ def test_every_margin_sharded_equals_one_process(tmp_path):
             ref_loss, ref_emb_grad, ref_w_grad = reference_step(margin, emb, labels, weight)
             assert torch.isfinite(ref_loss) and float(ref_emb_grad.abs().max()) > 0, entry
             for r in results:
-                assert _rel(r[entry][0][step][0], ref_loss) < 1e-10, (entry, step, float(r[entry][0][step][0]), float(ref_loss))
+                loss = r[entry][0][step][0]
+                assert _rel(loss, ref_loss) < 1e-10, (entry, step, float(loss), float(ref_loss))
             emb_grad = torch.cat([r[entry][0][step][1] for r in results])
             assert _rel(emb_grad, ref_emb_grad) < 1e-9, (entry, step)
             for r in results:

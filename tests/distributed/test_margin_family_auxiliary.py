@@ -49,7 +49,8 @@ def _worker(rank: int, world: int) -> dict:
     total.backward()
     return dict(total=total.detach(), parts=parts, emb_grad=local.grad,
                 centers={k: (m.centers.detach().clone(), m.centers.grad.clone()) for k, m in aux.centers.items()},
-                radius_grad=aux.radius.grad.clone(), weight=clf.weight.detach().clone(), weight_grad=clf.weight.grad.clone())
+                radius_grad=aux.radius.grad.clone(), weight=clf.weight.detach().clone(),
+                weight_grad=clf.weight.grad.clone())
 
 
 def test_auxiliary_losses_sharded_equal_one_process(tmp_path):

@@ -42,7 +42,8 @@ def test_angular_gap_measure_on_known_clusters():
 
 def test_toy_and_plot_commands_write_pngs(tmp_path):
     assert main(["toy", "--loss", "cosface", "--loss", "softmax", "--steps", "20", "--output", str(tmp_path)]) == 0
-    assert main(["toy", "--loss", "subcenter_arcface", "--steps", "20", "--dim", "3", "--output", str(tmp_path / "3d")]) == 0
+    out_3d = str(tmp_path / "3d")
+    assert main(["toy", "--loss", "subcenter_arcface", "--steps", "20", "--dim", "3", "--output", out_3d]) == 0
     assert main(["plot", "margins", "--output", str(tmp_path / "margins.png")]) == 0
     for png in ("toy_cosface.png", "toy_softmax.png", "3d/toy_subcenter_arcface.png", "margins.png"):
         with Image.open(tmp_path / png) as image:
