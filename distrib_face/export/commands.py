@@ -41,7 +41,14 @@ def _run_export(args: argparse.Namespace) -> int:
         random_face_like_images,
     )
 
-    model, info = load_for_export(args.checkpoint)
+    from distrib_face.export.exporter import ExportSourceError
+    from distrib_face.models.io import BackboneFileError
+
+    try:
+        model, info = load_for_export(args.checkpoint)
+    except (ExportSourceError, BackboneFileError) as exc:
+        print(f"error: {exc}")
+        return 2
     size = info["input_size"]
     if args.format == "onnx":
         opset = args.opset or DEFAULT_OPSET
