@@ -203,6 +203,24 @@ class Margin(nn.Module):
     def begin_step(self, stats: StepStats) -> None:
         """Update state from global statistics once per step (no-op for stateless margins)."""
 
+    @property
+    def linear_scale(self) -> float | None:
+        """``s`` when every non-target logit is exactly ``s * cos`` with a constant ``s``, else None.
+
+        The classifier then takes its fast path (an analytic backward, no autograd graph per chunk). Any
+        subclass that changes non-target logits, the scale, normalisation, bias or sub-centres opts out.
+        """
+        cls = type(self)
+        plain = (
+            cls.negative_logits is Margin.negative_logits
+            and cls.negative_from_cos is Margin.negative_from_cos
+            and cls.multiplier is Margin.multiplier
+        )
+        if (not plain or self.interclass_threshold is not None or not self.normalize_features
+                or not self.normalize_weights or self.uses_bias or self.num_subcenters != 1):
+            return None
+        return self.scale
+
     def extra_repr(self) -> str:
         return f"spec={self.spec}"
 

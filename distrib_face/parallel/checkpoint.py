@@ -80,7 +80,7 @@ def save_shard(directory: str | os.PathLike, classifier: ShardedMarginClassifier
         "seed": classifier.seed,
         "sample_rate": classifier.sample_rate,
     }
-    k, d = classifier.num_subcenters, classifier.embedding_size
+    k, d = classifier.num_subcenters, classifier.weight.shape[1]  # d includes a bias column if the margin has one
     opt_state = None
     if optimizer is not None:
         state = optimizer.state_dict()

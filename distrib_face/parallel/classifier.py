@@ -36,6 +36,7 @@ from distrib_face.parallel.collectives import (
     world_size_of,
 )
 from distrib_face.parallel.context import group_rank_and_size
+from distrib_face.parallel.linear_lse import LinearMarginLogSumExp
 from distrib_face.parallel.shard import class_range, init_class_rows
 
 logger = logging.getLogger(__name__)
@@ -293,6 +294,8 @@ class ShardedMarginClassifier(nn.Module):
         self.weight = nn.Parameter(rows.view(-1, rows.shape[-1]))
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64), persistent=True)
         self._active: tuple[Tensor | None, Tensor] | None = None
+        #: Use the analytic-backward path for margins whose non-target logits are ``s * cos`` (see linear_lse).
+        self.fast_path = True
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -394,10 +397,17 @@ class ShardedMarginClassifier(nn.Module):
         )
         target_logits = all_reduce_sum_replicated_grad(target_logits, self.group)
 
-        lse = _ShardedNegativeLogSumExp.apply(
-            embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunk_size,
-            self.compute_dtype, self.group,
-        )
+        linear_scale = self.margin.linear_scale if self.fast_path else None
+        if linear_scale is not None and k == 1 and not self.bias_columns:
+            lse = LinearMarginLogSumExp.apply(
+                embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size, self.compute_dtype,
+                self.group,
+            )
+        else:
+            lse = _ShardedNegativeLogSumExp.apply(
+                embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunk_size,
+                self.compute_dtype, self.group,
+            )
         return (lse - target_logits).mean() if num_rows else lse.sum()
 
     def extra_repr(self) -> str:

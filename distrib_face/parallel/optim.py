@@ -21,6 +21,8 @@ OPTIMIZERS = ("sgd", "adamw")
 class ShardOptimizer(torch.optim.Optimizer):
     """SGD (momentum, weight decay) or AdamW over the rows a :class:`ShardedMarginClassifier` used.
 
+    ``step()`` consumes the gradient (it is modified in place); call ``zero_grad()`` after it.
+
     It subclasses ``torch.optim.Optimizer`` so torch LR schedulers drive ``param_groups[0]["lr"]``.
 
     Args:
@@ -113,11 +115,13 @@ class ShardOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _sgd(w: Tensor, grad: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        d_p = grad.add(w, alpha=group["weight_decay"]) if group["weight_decay"] else grad
+        # In place on the gradient (it is consumed here): one pass per line over the rows, which
+        # matters when the shard is gigabytes.
+        d_p = grad.add_(w, alpha=group["weight_decay"]) if group["weight_decay"] else grad
         if group["momentum"]:
             buf = state["momentum_buffer"]
-            buf.mul_(group["momentum"]).add_(d_p)
-            d_p = d_p.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+            torch.add(d_p, buf, alpha=group["momentum"], out=buf)  # buf = momentum * buf + d_p
+            d_p = d_p.add_(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         w.add_(d_p, alpha=-group["lr"])
 
     @staticmethod
