@@ -33,10 +33,10 @@ from distrib_face.parallel.collectives import (
     all_reduce_sum_replicated_grad,
     all_reduce_tensor,
     gather_with_grad,
-    world_size_of,
 )
 from distrib_face.parallel.context import group_rank_and_size
 from distrib_face.parallel.linear_lse import LinearMarginLogSumExp
+from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 from distrib_face.parallel.shard import class_range, init_class_rows
 
 logger = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ def _global_negative_logsumexp(
     Every rank sees the same rows; each sums its own classes; then one MAX and one SUM all-reduce of a scalar.
     """
     stat_dtype = torch.promote_types(weight.dtype, torch.float32)
-    local_max = torch.full((), float("-inf"), dtype=stat_dtype, device=embeddings.device)
-    local_sum = torch.zeros((), dtype=stat_dtype, device=embeddings.device)
+    stats = OnlineLogSumExp((), stat_dtype, embeddings.device)
     num_classes_here = weight.shape[0] // num_subcenters
     for c0 in range(0, num_classes_here, chunk_size):
         c1 = min(c0 + chunk_size, num_classes_here)
@@ -135,16 +134,8 @@ def _global_negative_logsumexp(
             embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
             num_subcenters, compute_dtype,
         ).to(stat_dtype)
-        if logits.numel() == 0:
-            continue
-        new_max = torch.maximum(local_max, logits.max())
-        if torch.isfinite(new_max):
-            local_sum = local_sum * torch.exp(local_max - new_max) + torch.exp(logits - new_max).sum()
-            local_max = new_max
-    global_max = all_reduce_tensor(local_max, "max", group)
-    safe = global_max if torch.isfinite(global_max) else torch.zeros_like(global_max)
-    scaled = local_sum * torch.exp(local_max - safe) if torch.isfinite(local_max) else torch.zeros_like(local_sum)
-    return safe + torch.log(all_reduce_tensor(scaled, "sum", group))
+        stats.update(logits.reshape(-1), consume=True)
+    return stats.logsumexp(group)
 
 
 class _ShardedNegativeLogSumExp(torch.autograd.Function):
@@ -167,28 +158,15 @@ class _ShardedNegativeLogSumExp(torch.autograd.Function):
         num_rows = embeddings.shape[0]
         num_classes_here = weight.shape[0] // num_subcenters
         stat_dtype = target_logits.dtype
-        row_max = torch.full((num_rows,), float("-inf"), dtype=stat_dtype, device=embeddings.device)
-        row_sum = torch.zeros((num_rows,), dtype=stat_dtype, device=embeddings.device)
+        stats = OnlineLogSumExp((num_rows,), stat_dtype, embeddings.device)
         for c0 in range(0, num_classes_here, chunk_size):
             c1 = min(c0 + chunk_size, num_classes_here)
             logits = _chunk_logits(
                 embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
                 num_subcenters, compute_dtype,
             ).to(stat_dtype)
-            new_max = torch.maximum(row_max, logits.amax(dim=1))
-            safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            row_sum = row_sum * torch.exp(row_max - safe_max) + torch.exp(logits - safe_max[:, None]).sum(dim=1)
-            row_max = new_max
-        # Softmax statistics over every rank: one MAX then one SUM all-reduce of [B] each.
-        global_max = row_max.clone()
-        if world_size_of(group) > 1:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        safe_global = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
-        row_sum = torch.where(torch.isfinite(row_max), row_sum * torch.exp(row_max - safe_global), torch.zeros_like(row_sum))
-        if world_size_of(group) > 1:
-            dist.all_reduce(row_sum, op=dist.ReduceOp.SUM, group=group)
-        top = torch.maximum(safe_global, target_logits)
-        lse = top + torch.log(row_sum * torch.exp(safe_global - top) + torch.exp(target_logits - top))
+            stats.update(logits, consume=True)
+        lse = stats.logsumexp(group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
         ctx.save_for_backward(embeddings, weight, target_logits, target_col, lse)
         ctx.margin, ctx.mctx, ctx.num_subcenters = margin, mctx, num_subcenters
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype

@@ -18,10 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from distrib_face.parallel.collectives import world_size_of
+from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 
 _EPS = 1e-12
 
@@ -62,8 +61,7 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         x_unit = embeddings / x_norm
         num_rows, num_classes = embeddings.shape[0], weight.shape[0]
         inv_wnorm = torch.empty(num_classes, dtype=stat_dtype, device=weight.device)
-        row_max = torch.full((num_rows,), float("-inf"), dtype=stat_dtype, device=embeddings.device)
-        row_sum = torch.zeros((num_rows,), dtype=stat_dtype, device=embeddings.device)
+        stats = OnlineLogSumExp((num_rows,), stat_dtype, embeddings.device)
         for c0 in range(0, num_classes, chunk_size):
             c1 = min(c0 + chunk_size, num_classes)
             w = weight[c0:c1]
@@ -72,19 +70,8 @@ class LinearMarginLogSumExp(torch.autograd.Function):
             logits = _mm(x_unit, w.t(), compute_dtype, stat_dtype).to(stat_dtype).mul_(inv * scale)  # [B, c]
             rows, cols = _targets_in_chunk(target_col, c0, c1)
             logits[rows, cols] = float("-inf")
-            new_max = torch.maximum(row_max, logits.amax(dim=1))
-            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            row_sum = row_sum * torch.exp(row_max - safe) + logits.sub_(safe[:, None]).exp_().sum(dim=1)
-            row_max = new_max
-        global_max = row_max.clone()
-        if world_size_of(group) > 1:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        safe_global = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
-        row_sum = torch.where(torch.isfinite(row_max), row_sum * torch.exp(row_max - safe_global), torch.zeros_like(row_sum))
-        if world_size_of(group) > 1:
-            dist.all_reduce(row_sum, op=dist.ReduceOp.SUM, group=group)
-        top = torch.maximum(safe_global, target_logits)
-        lse = top + torch.log(row_sum * torch.exp(safe_global - top) + torch.exp(target_logits - top))
+            stats.update(logits, consume=True)
+        lse = stats.logsumexp(group, extra=target_logits)
         ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse)
         ctx.scale, ctx.chunk_size, ctx.compute_dtype = scale, chunk_size, compute_dtype
         return lse
