@@ -181,10 +181,24 @@ def export_onnx(
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)
         proto.producer_name = "distrib_face"
+        _warn_if_insightface_misreads(proto, path)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(target))
     logger.info("exported ONNX (opset %d, input %dx%d, dynamic batch) to %s", opset, size, size, path)
     return path
+
+
+def _warn_if_insightface_misreads(proto: "onnx.ModelProto", path: Path) -> None:
+    # insightface's ArcFaceONNX takes a graph whose first eight nodes include both a Sub* / _minus* and a
+    # Mul* / _mul* node for an MXNet model that normalises internally, and then feeds raw 0..255 pixels.
+    names = [node.name for node in proto.graph.node[:8]]
+    has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
+    has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
+    if has_sub and has_mul:
+        logger.warning(
+            "%s: the first graph nodes %s look like in-graph normalisation to insightface, which would feed "
+            "unnormalised pixels", path, names,
+        )
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, *, input_size: int | None = None) -> Path:

@@ -134,7 +134,9 @@ def check_parity(
         ``max |onnx - torch|`` over all images and embedding dimensions.
     """
     blob = preprocess(images, input_size_of(torch_model))
-    diff = _max_abs_diff(torch_embeddings(torch_model, blob, batch_size), onnx_embeddings(onnx_path, blob, batch_size), str(onnx_path))
+    diff = _max_abs_diff(
+        torch_embeddings(torch_model, blob, batch_size), onnx_embeddings(onnx_path, blob, batch_size), str(onnx_path)
+    )
     logger.info("ONNX parity on %d images: max |diff| = %.3g", len(blob), diff)
     return diff
 
@@ -145,7 +147,9 @@ def check_torchscript_parity(
     """Largest absolute difference between the TorchScript module and PyTorch on the same images."""
     blob = preprocess(images, input_size_of(torch_model))
     diff = _max_abs_diff(
-        torch_embeddings(torch_model, blob, batch_size), torchscript_embeddings(script_path, blob, batch_size), str(script_path)
+        torch_embeddings(torch_model, blob, batch_size),
+        torchscript_embeddings(script_path, blob, batch_size),
+        str(script_path),
     )
     logger.info("TorchScript parity on %d images: max |diff| = %.3g", len(blob), diff)
     return diff

@@ -241,3 +241,16 @@ def test_tiny_backbones_are_small():
     # The CPU demo and tests rely on these staying cheap (see docs/models.md for img/s).
     for name, max_gmacs in (("iresnet_tiny", 0.05), ("mobilefacenet_tiny", 0.05), ("vit_tiny", 0.01)):
         assert count_macs(_meta(name, input_size=64), input_size=64) / 1e9 < max_gmacs
+
+
+def test_compiles_without_graph_breaks():
+    # The trainer's torch.compile switch: one graph, also under autocast (the fp32 head is a Python branch).
+    import torch._dynamo
+
+    model = create_backbone("iresnet_tiny", input_size=32, gradient_checkpointing=True)
+    images = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(images)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
