@@ -86,13 +86,15 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         for c0 in range(0, weight.shape[0], ctx.chunk_size):
             c1 = min(c0 + ctx.chunk_size, weight.shape[0])
             w = weight[c0:c1]
+            # Cast the chunk once for both matmuls that read it (low-precision compute only).
+            w_mm = w if ctx.compute_dtype is None else w.to(ctx.compute_dtype)
             coef = inv_wnorm[c0:c1] * ctx.scale  # d logit / d raw, per class
-            raw = _mm(x_unit, w.t(), ctx.compute_dtype, stat_dtype).to(stat_dtype)  # [B, c]
+            raw = _mm(x_unit, w_mm.t(), ctx.compute_dtype, stat_dtype).to(stat_dtype)  # [B, c]
             grad_raw = (raw * coef).sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])  # g * softmax
             rows, cols = _targets_in_chunk(target_col, c0, c1)
             grad_raw[rows, cols] = 0.0  # the target's share went to grad_target
             grad_raw.mul_(coef)
-            grad_unit += _mm(grad_raw, w, ctx.compute_dtype, stat_dtype).to(grad_unit.dtype)
+            grad_unit += _mm(grad_raw, w_mm, ctx.compute_dtype, stat_dtype).to(grad_unit.dtype)
             if grad_weight is not None:
                 norm_term = (grad_raw * raw).sum(dim=0) * inv_wnorm[c0:c1] ** 2  # [c]
                 gw = grad_weight[c0:c1]
