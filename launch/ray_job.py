@@ -115,7 +115,7 @@ def print_summary(summary: dict) -> None:
         ("verification before", summary.get("verification_before")),
         ("verification after", summary.get("verification_after")),
         ("workers", ", ".join(f"rank {w['rank']}@{w['hostname']}:{w['node_id'][:8]}" for w in summary.get("workers", []))),
-        ("resumed from", summary.get("resumed_from")),
+        ("resumed from", summary.get("ray_resumed_from")),
         ("Ray result", summary.get("ray_result_path")),
         ("last checkpoint", summary.get("ray_checkpoint")),
         ("output dir", summary.get("output_dir")),

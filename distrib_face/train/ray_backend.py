@@ -69,10 +69,36 @@ class FaultInjection:
         """Exit this process abruptly when the hook is due here (and record that it happened)."""
         if rank != self.rank or step is None or step < self.step or os.path.exists(self.marker):
             return
+        _wait_until_reports_collected()
         Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
         Path(self.marker).write_text(json.dumps({"rank": rank, "step": step, "pid": os.getpid()}))
         logger.warning("fault injection: rank %d exits at step %d (pid %d)", rank, step, os.getpid())
         os._exit(1)
+
+
+def _wait_until_reports_collected(timeout_s: float = 60.0) -> None:
+    """Block until Ray's controller has taken every report of this worker (fault injection only).
+
+    ``ray.train.report`` returns before the report reaches the controller (a background thread queues it and
+    the controller polls every couple of seconds), so a worker dying right after reporting a checkpoint can
+    lose it. The test hook waits for its queue to drain so that "the last checkpoint" is well defined; this
+    reads Ray Train V2 internals and falls back to a plain wait if they change.
+    """
+    import time
+
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        context = get_train_context()
+        result_queue = context.get_result_queue()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if context.current_report_index == context.report_call_index and result_queue.unfinished_tasks == 0:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # the controller registers the checkpoint right after the poll that drained the queue
+    except (ImportError, AttributeError):
+        time.sleep(10.0)
 
 
 class RayReporter:
@@ -193,13 +219,6 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.from_dict(loop_config["config"])
     fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
     ctx = init_distributed(device=cfg.device)
-    if ctx.world_size > 1:
-        import deepspeed
-
-        # Let DeepSpeed's comm layer adopt the group Ray Train made (a no-op when it already has one).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # never used; JIT-builds for ~45 s
-        deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False)
     placement = {
         "rank": ctx.rank,
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -216,7 +235,7 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         with checkpoint.as_directory() as resume_dir:
             logger.info("rank %d resumes from %s", ctx.rank, checkpoint.path)
             summary = run_training(cfg, ctx, reporter=reporter, resume_from=resume_dir)
-    return {**dict(summary or {}), "workers": workers, "resumed_from": checkpoint.path if checkpoint else None}
+    return {**dict(summary or {}), "workers": workers, "ray_resumed_from": checkpoint.path if checkpoint else None}
 
 
 def resolve_paths(cfg: "Config", base_dir: str | os.PathLike | None = None) -> "Config":
@@ -319,7 +338,8 @@ def launch_ray_training(
     Returns:
         The ``ray.train.Result``: ``metrics`` (rank 0's last report), ``checkpoint`` (the last one),
         ``return_value`` (rank 0's summary from ``run_training`` plus ``workers``: rank, node id, host and
-        pid of every worker, and ``resumed_from``) and ``path``.
+        pid of every worker, and ``ray_resumed_from``: the Ray checkpoint this worker group started from, or
+        ``None``) and ``path``.
 
     Raises:
         ray.train.TrainingFailedError: the job failed more than ``cfg.ray.max_failures`` times (the MLflow

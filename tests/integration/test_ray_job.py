@@ -52,8 +52,8 @@ def tiny_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "device": "cpu",
         "data": {"source": "random", "random_num_classes": 24, "random_num_samples": 64, "batch_size": 8,
-                 "num_workers": 0, "dali_threads": 1},
-        "model": {"backbone": "mobilefacenet_tiny", "embedding_size": 64},
+                 "image_size": 32, "num_workers": 0, "dali_threads": 1},
+        "model": {"backbone": "iresnet_tiny", "embedding_size": 32},
         "loss": {"margin": "arcface"},
         "optim": {"name": "sgd", "lr": 0.05},
         "deepspeed": {"zero_stage": 0, "precision": "fp32"},
@@ -179,7 +179,7 @@ def test_ray_job_submit_trains_and_reports_checkpoint(tmp_path):
 
     data = tmp_path / "synth"
     write_synthetic(data, num_identities=16, min_images=4, max_images=12, holdout_identities=8, num_pairs=40,
-                    samples_per_shard=40, holdout_images=4, seed=1)
+                    samples_per_shard=40, holdout_images=4, image_size=32, seed=1)
     cfg = tiny_config(
         tmp_path,
         data={"source": "shards", "shards": "synth", "decoder": "dali"},
