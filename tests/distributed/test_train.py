@@ -149,8 +149,10 @@ def tiny_shards(tmp_path_factory) -> Path:
 def _resume_config(tmp: Path, name: str, shards: Path, **train) -> dict:
     return _config(
         tmp, name,
+        # augment false: DALI's random flip draws from the pipeline's seed, which the loader state does not
+        # carry (a fresh pipeline restarts that stream), so flips after a resume would differ.
         data={"source": "shards", "shards": str(shards), "decoder": "dali", "num_workers": 0, "dali_threads": 1,
-              "batch_size": 8},
+              "batch_size": 8, "augment": False},
         loss={"sample_rate": 0.5},
         deepspeed={"zero_stage": 1},
         schedule={"kind": "poly", "warmup_steps": 2},
@@ -161,12 +163,14 @@ def _resume_config(tmp: Path, name: str, shards: Path, **train) -> dict:
 @pytest.mark.slow
 def test_resume_is_equivalent_and_survives_a_world_size_change(tmp_path, tiny_shards):
     whole = _resume_config(tmp_path, "whole", tiny_shards)
-    run_world(_train_worker, 2, tmp_path, (whole,))
+    # A fresh folder per run_world: its file:// store is named by pid and function, so a second world in
+    # the same folder would find the first one's store.
+    run_world(_train_worker, 2, tmp_path / "world_a", (whole,))
     first = _resume_config(tmp_path, "split", tiny_shards, max_steps_this_run=3)
-    stopped = run_world(_train_worker, 2, tmp_path, (first,))
+    stopped = run_world(_train_worker, 2, tmp_path / "world_b1", (first,))
     assert stopped[0]["steps"] == 3 and not stopped[0]["finished"]
     second = _resume_config(tmp_path, "split", tiny_shards)
-    resumed = run_world(_train_worker, 2, tmp_path, (second,))
+    resumed = run_world(_train_worker, 2, tmp_path / "world_b2", (second,))
     assert resumed[0]["steps"] == 6 and resumed[0]["steps_this_run"] == 3 and resumed[0]["finished"]
 
     backbone_a, weight_a = _final_weights(tmp_path / "whole")
@@ -179,7 +183,7 @@ def test_resume_is_equivalent_and_survives_a_world_size_change(tmp_path, tiny_sh
     # 2 ranks -> 1 rank from the step-3 checkpoint: the classifier is resharded, the loader re-derived.
     step3 = tmp_path / "split" / "checkpoints" / "step_000000003"
     one = _resume_config(tmp_path, "one", tiny_shards)
-    (summary,) = run_world(_train_worker, 1, tmp_path, (one, str(step3)))
+    (summary,) = run_world(_train_worker, 1, tmp_path / "world_c", (one, str(step3)))
     assert summary["steps"] == 6 and summary["steps_this_run"] == 3 and summary["world_size"] == 1
     assert summary["resumed_from"] == str(step3)
     _, weight_one = _final_weights(tmp_path / "one")

@@ -1,0 +1,76 @@
+"""run_training end to end in one process: DALI-decoded synthetic shards, verification on the held-out pairs
+(flip TTA) before and after, MLflow (a real sqlite store) with params, metrics and artifacts, and fine-tuning
+from the trained backbone with a new classifier."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.spawn import run_world
+
+
+def _worker(rank: int, world_size: int, shards: str, out: str, db: str) -> dict:
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from distrib_face.config import Config
+    from distrib_face.parallel import init_distributed
+    from distrib_face.train import run_training
+
+    base = {
+        "data": {"shards": shards, "decoder": "dali", "num_workers": 0, "dali_threads": 1, "batch_size": 16,
+                 "image_size": 32},
+        "model": {"backbone": "iresnet_tiny", "embedding_size": 32},
+        "loss": {"margin": "cosface", "scale": 16.0, "additive_margin": 0.2},
+        "optim": {"lr": 0.05},
+        "schedule": {"warmup_steps": 2},
+        "train": {"total_steps": 6, "output_dir": f"{out}/first", "log_every": 2, "eval_every": 3,
+                  "eval_pairsets": [f"{shards}/holdout_pairs.npz"], "eval_batch_size": 32},
+        "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{db}", "experiment": "test_train",
+                     "artifact_location": f"{out}/artifacts"},
+    }
+    ctx = init_distributed(device="cpu")
+    first = run_training(Config.from_dict(base), ctx)
+    tune = Config.from_dict(base).replace([
+        f"train.output_dir={out}/tuned", f"train.init_backbone={out}/first", "train.total_steps=2",
+        "train.eval_every=0", "tracking.enabled=false", "train.export_onnx=false",
+    ])
+    tuned = run_training(tune, ctx)
+    return {"first": first, "tuned": tuned}
+
+
+@pytest.mark.slow
+def test_verification_tracking_and_fine_tuning(tmp_path):
+    from distrib_face.data import write_synthetic
+
+    shards = tmp_path / "shards"
+    write_synthetic(shards, num_identities=12, min_images=4, max_images=10, holdout_identities=6, image_size=32,
+                    num_pairs=40, samples_per_shard=50, seed=1)
+    db = tmp_path / "mlruns.db"
+    (out,) = run_world(_worker, 1, tmp_path, (str(shards), str(tmp_path), str(db)))
+    first, tuned = out["first"], out["tuned"]
+    assert first["steps"] == 6 and first["finished"]
+    assert set(first["verification_before"]) == {"synthetic_holdout"} == set(first["verification_after"])
+    assert 0.0 <= first["verification_after"]["synthetic_holdout"] <= 1.0
+    # Fine-tuning starts from the first run's final backbone: its "before" is the first run's "after".
+    assert tuned["verification_before"] == first["verification_after"]
+    assert Path(first["backbone"]).is_file() and Path(tmp_path / "first" / "deepspeed_config.json").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.05" and run.data.params["model.backbone"] == "iresnet_tiny"
+    assert {"loss", "lr", "img_s", "grad_norm", "verify/synthetic_holdout/accuracy"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "verify/synthetic_holdout/accuracy")
+    assert sorted(m.step for m in history) == [0, 3, 6]
+    assert history[-1].value == pytest.approx(first["verification_after"]["synthetic_holdout"])
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "deepspeed_config.json" in top
+    assert {"plots/class_sizes.png", "plots/loss_curve.png", "plots/roc.png"} <= plots
+    if first["onnx"] is not None:
+        assert Path(first["onnx"]).is_file()
