@@ -606,12 +606,12 @@ def _log_final_artifacts(tracker: Any, state: Any, roc_results: dict[str, Any], 
 
 def _export_onnx(cfg: Config, backbone_path: Path, output_dir: Path, tracker: Any) -> Path | None:
     """Export the final backbone to ONNX with the export package and log it as an MLflow model."""
-    try:
-        from distrib_face.export import export_onnx
-    except ImportError:
-        logger.warning("distrib_face.export.export_onnx is not available: the ONNX export is skipped")
-        return None
+    from distrib_face.export import export_onnx
+    from distrib_face.models import load_backbone
+
     onnx_path = output_dir / "backbone.onnx"
-    export_onnx(backbone_path, onnx_path)
+    model = load_backbone(backbone_path, map_location="cpu")
+    export_onnx(model, onnx_path, input_size=cfg.data.image_size,
+                metadata={"backbone": cfg.model.backbone, "embedding_size": str(cfg.model.embedding_size)})
     tracker.log_onnx_model(onnx_path, name="model", register_as=cfg.tracking.register_model)
     return onnx_path
