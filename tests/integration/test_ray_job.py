@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,17 +34,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ray_env() -> dict[str, str]:
+def ray_env(token_path: Path | None = None) -> dict[str, str]:
     """The environment for Ray CLI calls: this venv first on PATH, no usage stats, token auth.
 
-    Token auth is set explicitly: once ``~/.ray/auth_token`` exists (any local ``ray.init()`` writes it), a
-    ``ray start`` head requires the token, but the ``ray job`` CLI only sends it when ``RAY_AUTH_MODE=token``.
+    Token auth is explicit: a ``ray start`` head requires a token once one exists (any local ``ray.init()``
+    writes ``~/.ray/auth_token``), but the ``ray job`` CLI only sends it with ``RAY_AUTH_MODE=token``. With
+    ``token_path`` the head and the CLI use that token file instead of ``~/.ray/auth_token``.
     """
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "token"
+    if token_path is not None:
+        env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     return env
 
 
@@ -79,9 +84,16 @@ def short_temp_dir() -> Iterator[Path]:
 
 
 @contextmanager
-def ray_head(temp_dir: Path, num_cpus: int = 2) -> Iterator[str]:
-    """Start ``ray start --head --block`` in its own process group; yield the dashboard URL; kill the group."""
+def ray_head(temp_dir: Path, num_cpus: int = 2) -> Iterator[tuple[str, dict[str, str]]]:
+    """Start ``ray start --head --block`` in its own process group, with its own auth token.
+
+    Yields the dashboard URL and the environment for CLI calls to it; kills the process group at the end.
+    """
     temp_dir.mkdir(parents=True, exist_ok=True)
+    token_path = temp_dir / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    env = ray_env(token_path)
     dashboard_port = free_port()
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
@@ -91,28 +103,30 @@ def ray_head(temp_dir: Path, num_cpus: int = 2) -> Iterator[str]:
         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
     ]
     log = open(temp_dir / "head.log", "w")
-    head = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_for_job_api(address, head, temp_dir / "head.log")
-        yield address
+        _wait_for_job_api(address, head, temp_dir / "head.log", env)
+        yield address, env
     finally:
         stop_process_group(head)
         log.close()
 
 
-def ray_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    """Run the ``ray`` CLI of this venv (it finds the cluster's auth token as a user's shell would)."""
-    return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=ROOT, env=ray_env(), capture_output=True, text=True,
+def ray_cli(*args: str, env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the ``ray`` CLI of this venv in the repository root."""
+    return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def _wait_for_job_api(address: str, head: subprocess.Popen, log_path: Path, timeout_s: float = 120.0) -> None:
+def _wait_for_job_api(
+    address: str, head: subprocess.Popen, log_path: Path, env: dict[str, str], timeout_s: float = 120.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-3000:]}")
-        proc = ray_cli("job", "list", "--address", address)
+        proc = ray_cli("job", "list", "--address", address, env=env)
         if proc.returncode == 0:
             return
         if time.monotonic() > deadline:
@@ -189,14 +203,14 @@ def test_ray_job_submit_trains_and_reports_checkpoint(tmp_path):
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     submission_id = f"distrib_face_test_{os.getpid()}"
-    with short_temp_dir() as ray_tmp, ray_head(ray_tmp) as address:
+    with short_temp_dir() as ray_tmp, ray_head(ray_tmp) as (address, env):
         proc = ray_cli(
             "job", "submit", "--address", address, "--working-dir", str(ROOT), "--submission-id", submission_id,
             "--", "python", "launch/ray_job.py", "--config", str(config_path), "--base-dir", str(tmp_path),
             "--summary-json", "summary.json",
-            timeout=400,
+            env=env, timeout=400,
         )
-        status = ray_cli("job", "status", "--address", address, submission_id)
+        status = ray_cli("job", "status", "--address", address, submission_id, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"Job '{submission_id}' succeeded" in proc.stdout + proc.stderr
     assert f"Job '{submission_id}' succeeded" in status.stdout, status.stdout + status.stderr  # JobStatus.SUCCEEDED
