@@ -115,7 +115,6 @@ class RayReporter:
         """
         self.ctx = ctx
         self.fault = fault
-        self.num_checkpoints = 0
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
         """Report ``metrics`` (rank 0's reach the driver) and, when given, this rank's part of a checkpoint.
@@ -137,8 +136,6 @@ class RayReporter:
         finally:
             if staged is not None and staged.name.startswith(STAGING_PREFIX):
                 shutil.rmtree(staged, ignore_errors=True)
-        if staged is not None:
-            self.num_checkpoints += 1
         if self.fault is not None:
             # After the report: Ray's result queue holds one report, so once this one is queued the previous
             # one (and any checkpoint it carried) has reached the controller and survives this death.
