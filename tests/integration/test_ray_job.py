@@ -186,6 +186,19 @@ def test_bad_config_fails_before_any_worker(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_working_dir_upload_holds_the_package_not_the_data():
+    """What ``ray job submit --working-dir .`` uploads, by Ray's own .gitignore/.rayignore filter."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    excludes = get_excludes_from_ignore_files(ROOT, include_gitignore=True)
+    excluded = lambda rel: any(fn(ROOT / rel) for fn in excludes)  # noqa: E731
+    for rel in (".venv", ".git", "demo_out", "runs", "mlruns", "mlruns.db", "data", "bench_out"):
+        assert excluded(rel), rel
+    for rel in ("distrib_face", "distrib_face/data", "distrib_face/data/loader.py", "distrib_face/train",
+                "launch/ray_job.py", "configs/tiny_cpu.yaml"):
+        assert not excluded(rel), rel
+
+
 @pytest.mark.slow
 def test_ray_job_submit_trains_and_reports_checkpoint(tmp_path):
     """``ray job submit --working-dir .`` runs a DALI-decoded, verified, tracked 2-worker job to SUCCEEDED."""
