@@ -53,7 +53,7 @@ stop_head() {
   if [ -n "$HEAD_PID" ] && kill -0 -- "-$HEAD_PID" 2>/dev/null; then
     echo "[demo] stopping the Ray head (process group $HEAD_PID)"
     kill -TERM -- "-$HEAD_PID" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 -- "-$HEAD_PID" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq 10); do kill -0 -- "-$HEAD_PID" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$HEAD_PID" 2>/dev/null || true
   fi
   HEAD_PID=""

@@ -134,8 +134,12 @@ def _wait_for_job_api(
         time.sleep(1.0)
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group led by ``proc`` (our own head and everything it started), then SIGKILL."""
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group led by ``proc`` (our own head and everything it started), then SIGKILL.
+
+    On SIGTERM the raylet drains for ~15 s and ``ray start --block`` does not exit at all; the cluster is
+    thrown away, so a short grace period, then SIGKILL.
+    """
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
