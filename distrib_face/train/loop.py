@@ -529,7 +529,8 @@ def _checkpoint(cfg: Config, ctx: Any, root: Path, engine: Any, classifier: Any,
         kwargs.setdefault("input_size", cfg.data.image_size)
         if cfg.model.gradient_checkpointing:
             kwargs["gradient_checkpointing"] = False  # a file to evaluate / export; fine-tuning sets its own
-        backbone_file = (fp32, cfg.model.backbone, {"embedding_size": cfg.model.embedding_size, **kwargs})
+        backbone_file = (fp32, cfg.model.backbone,
+                         {"embedding_size": cfg.model.embedding_size, "dropout": cfg.model.dropout, **kwargs})
     return save_checkpoint(
         root, ctx=ctx, engine=engine, classifier=classifier, shard_optimizer=shard_optimizer, trainer_state=state,
         loader_state=loader.state_dict(), config=cfg.to_dict(), ds_config=bundle.ds_config,
