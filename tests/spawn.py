@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,7 +45,7 @@ def _entry(rank: int, world_size: int, store_path: str, out_dir: str, fn: Callab
 def run_world(fn: Callable, world_size: int, tmp_path: Path, args: Sequence[Any] = ()) -> list[Any]:
     """Spawn ``world_size`` gloo ranks running ``fn(rank, world_size, *args)``; return their results."""
     tmp_path = Path(tmp_path)
-    store = tmp_path / f"store_{os.getpid()}_{id(fn)}_{world_size}"
+    store = tmp_path / f"store_{world_size}_{uuid.uuid4().hex}"  # never reuse a store: a stale one hangs
     out_dir = tmp_path / f"results_{store.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     mp.start_processes(

@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from distrib_face.data.manifest import MANIFEST_NAME, Manifest, content_hash, write_manifest
 from distrib_face.data.shards import ShardWriter

@@ -1,6 +1,6 @@
 """ONNX / TorchScript export of backbones and parity checks against PyTorch. See docs/export.md.
 
-Names are loaded lazily (``distrib-face --help`` imports this package's ``commands`` and must not pay
+Names are loaded lazily (``distrib-face --help`` imports ``distrib_face.cli.export`` and must not pay
 for torch / onnx): ``from distrib_face.export import export_onnx, check_parity`` works as usual.
 """
 

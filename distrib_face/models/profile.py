@@ -1,11 +1,10 @@
 """Size and cost of a backbone: parameters, multiply-accumulates, CPU throughput.
 
-``python -m distrib_face.models.profile [names...] [--input-size 112] [--throughput]`` prints a table.
+``distrib-face bench backbones [names...] [--input-size 112] [--throughput]`` prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from typing import Any, Sequence
@@ -105,34 +104,3 @@ def profile_table(
             row["img_per_s_train"] = measure_throughput(model, input_size, batch_size)
         rows.append(row)
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the profile table for the named (default: all) backbones."""
-    from distrib_face.models.registry import list_backbones
-
-    parser = argparse.ArgumentParser(prog="python -m distrib_face.models.profile", description=__doc__)
-    parser.add_argument("names", nargs="*", help="backbone names (default: all registered)")
-    parser.add_argument("--input-size", type=int, default=112)
-    parser.add_argument("--throughput", action="store_true", help="also time forward+backward on random images")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = profile_table(args.names or list_backbones(), args.input_size, args.throughput, args.batch_size)
-    header = f"{'backbone':<20} {'params (M)':>11} {'GMACs':>8}"
-    if args.throughput:
-        header += f" {'train img/s':>12}"
-    print(f"input {args.input_size}x{args.input_size}, batch {args.batch_size}, {torch.get_num_threads()} threads")
-    print(header)
-    for row in rows:
-        line = f"{row['name']:<20} {row['params_m']:>11.3f} {row['gmacs']:>8.3f}"
-        if args.throughput:
-            line += f" {row['img_per_s_train']:>12.1f}"
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -34,21 +34,11 @@ from distrib_face.parallel.collectives import (
     all_reduce_sum_replicated_grad,
     all_reduce_tensor,
     gather_with_grad,
+    scale_grad,
     world_size_of,
 )
 from distrib_face.parallel.context import group_rank_and_size
 from distrib_face.parallel.shard import class_range, init_class_rows
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
 
 
 class _AllReduceSumBothWays(torch.autograd.Function):
@@ -230,7 +220,7 @@ class AuxiliaryLosses(nn.Module):
         embeddings = gather_with_grad(local_embeddings, self.group, self.embedding_grad_scale)  # [B, D]
         labels = all_gather_variable(local_labels.to(torch.int64), self.group)  # [B]
         # Replicated batch terms: every rank differentiates the same term, so each keeps 1 / W of it.
-        replicated = _ScaleGrad.apply(embeddings, 1.0 / self.world_size) if self.world_size > 1 else embeddings
+        replicated = scale_grad(embeddings, 1.0 / self.world_size)
         total = embeddings.sum() * 0.0
         parts: dict[str, Tensor] = {}
         for spec in self.specs:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -127,15 +127,30 @@ def _global_negative_logsumexp(
     """
     stat_dtype = torch.promote_types(weight.dtype, torch.float32)
     stats = OnlineLogSumExp((), stat_dtype, embeddings.device)
+    for _, _, logits in _iter_chunks(embeddings, weight, target_col, margin, mctx, num_subcenters, chunk_size,
+                                     compute_dtype):
+        stats.update(logits.to(stat_dtype).reshape(-1), consume=True)
+    return stats.logsumexp(group)
+
+
+def _iter_chunks(
+    embeddings: Tensor,
+    weight: Tensor,
+    target_col: Tensor,
+    margin: Margin,
+    mctx: MarginContext,
+    num_subcenters: int,
+    chunk_size: int,
+    compute_dtype: torch.dtype | None,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(c0, c1, non-target logits [B, c1 - c0])`` for each class chunk of this rank's shard."""
     num_classes_here = weight.shape[0] // num_subcenters
     for c0 in range(0, num_classes_here, chunk_size):
         c1 = min(c0 + chunk_size, num_classes_here)
-        logits = _chunk_logits(
+        yield c0, c1, _chunk_logits(
             embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
             num_subcenters, compute_dtype,
-        ).to(stat_dtype)
-        stats.update(logits.reshape(-1), consume=True)
-    return stats.logsumexp(group)
+        )
 
 
 class _ShardedNegativeLogSumExp(torch.autograd.Function):
@@ -155,17 +170,11 @@ class _ShardedNegativeLogSumExp(torch.autograd.Function):
         compute_dtype: torch.dtype | None,
         group: Any,
     ) -> Tensor:
-        num_rows = embeddings.shape[0]
-        num_classes_here = weight.shape[0] // num_subcenters
         stat_dtype = target_logits.dtype
-        stats = OnlineLogSumExp((num_rows,), stat_dtype, embeddings.device)
-        for c0 in range(0, num_classes_here, chunk_size):
-            c1 = min(c0 + chunk_size, num_classes_here)
-            logits = _chunk_logits(
-                embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
-                num_subcenters, compute_dtype,
-            ).to(stat_dtype)
-            stats.update(logits, consume=True)
+        stats = OnlineLogSumExp((embeddings.shape[0],), stat_dtype, embeddings.device)
+        for _, _, logits in _iter_chunks(embeddings, weight, target_col, margin, mctx, num_subcenters, chunk_size,
+                                         compute_dtype):
+            stats.update(logits.to(stat_dtype), consume=True)
         lse = stats.logsumexp(group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
         ctx.save_for_backward(embeddings, weight, target_logits, target_col, lse)
         ctx.margin, ctx.mctx, ctx.num_subcenters = margin, mctx, num_subcenters

@@ -93,6 +93,11 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def scale_grad(tensor: Tensor, scale: float) -> Tensor:
+    """``tensor`` unchanged in the forward; its gradient multiplied by ``scale`` in the backward."""
+    return _ScaleGrad.apply(tensor, float(scale)) if scale != 1.0 else tensor
+
+
 def gather_with_grad(local: Tensor, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0) -> Tensor:
     """All-gather rows (sizes may differ per rank) so that gradients flow back to their owners.
 
@@ -101,7 +106,7 @@ def gather_with_grad(local: Tensor, group: dist.ProcessGroup | None = None, grad
     """
     rank, world = group_rank_and_size(group)
     if world == 1:
-        return _ScaleGrad.apply(local, float(grad_scale)) if grad_scale != 1.0 else local
+        return scale_grad(local, grad_scale)
     sizes = gather_sizes(local.shape[0], group, local.device)
     return _GatherWithGrad.apply(local.contiguous(), sizes, rank, group, float(grad_scale))
 

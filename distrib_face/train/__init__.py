@@ -1,7 +1,7 @@
 """The training step and loop, DeepSpeed engine setup, LR schedules, checkpoints.
 
 ``from distrib_face.train import run_training, Reporter`` -- the names are imported on first use, so that
-``distrib-face --help`` (which imports ``distrib_face.train.commands``) does not load torch and DeepSpeed.
+``distrib-face --help`` (which imports ``distrib_face.cli.train``) does not load torch and DeepSpeed.
 """
 
 from __future__ import annotations

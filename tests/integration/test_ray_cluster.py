@@ -11,7 +11,6 @@ The cluster lives in a short temp dir of its own and is shut down by its own han
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,8 @@
 """The single entry point ``distrib-face``: parses, builds, runs, nothing else.
 
-Each package contributes its subcommands through a ``commands`` module with a
-``register(subparsers, groups)`` function; ``groups`` holds the shared command groups
+Each area's subcommands live in a module of this package (``distrib_face/cli/data.py`` for
+``distrib_face.data``, ...) with a ``register(subparsers, groups)`` function; ``groups`` holds the
+shared command groups
 (``bench``, ``plot``, ``data``) so that e.g. ``distrib-face bench classifier`` and
 ``distrib-face bench data`` live in different packages. Handlers import their heavy
 dependencies lazily, so ``distrib-face --help`` stays fast.
@@ -16,12 +17,13 @@ import sys
 from typing import Sequence
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "distrib_face.parallel.commands",
-    "distrib_face.losses.commands",
-    "distrib_face.data.commands",
-    "distrib_face.train.commands",
-    "distrib_face.eval.commands",
-    "distrib_face.export.commands",
+    "distrib_face.cli.parallel",
+    "distrib_face.cli.losses",
+    "distrib_face.cli.data",
+    "distrib_face.cli.train",
+    "distrib_face.cli.eval",
+    "distrib_face.cli.export",
+    "distrib_face.cli.models",
 )
 
 GROUPS: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.export``: ``distrib-face export``."""
+"""Subcommands of ``distrib_face.export``: ``distrib-face export``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.losses``: margin pictures, the toy, sub-centre cleaning."""
+"""Subcommands of ``distrib_face.losses``: margin pictures, the toy, sub-centre cleaning."""
 
 from __future__ import annotations
 

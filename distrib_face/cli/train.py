@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.train``: ``train`` and ``bench train``.
+"""Subcommands of ``distrib_face.train``: ``train`` and ``bench train``.
 
 ``distrib-face train --config C [--set k=v ...]`` trains in this process (a world of 1), or as one rank
 under ``torchrun`` / the deepspeed launcher (the process group comes from the environment). Exit codes:

@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.eval``: ``eval`` and ``pack-pairs``."""
+"""Subcommands of ``distrib_face.eval``: ``eval`` and ``pack-pairs``."""
 
 from __future__ import annotations
 

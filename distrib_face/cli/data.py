@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``bench data``.
+"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``bench data``.
 
 Exit codes of ``pack``: 0 everything packed; 3 packed, but images were skipped or identities were empty
 (listed in ``pack_report.json``); 2 nothing usable written (refused output, strict stop, bad input).

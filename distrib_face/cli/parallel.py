@@ -1,4 +1,4 @@
-"""Subcommands contributed by ``distrib_face.parallel``: ``bench classifier`` and ``reshard``."""
+"""Subcommands of ``distrib_face.parallel``: ``bench classifier`` and ``reshard``."""
 
 from __future__ import annotations
 
