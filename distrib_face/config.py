@@ -143,9 +143,19 @@ class LossConfig:
     """Classes per chunk of the logit computation (bounds the peak memory); ``None``: the classifier's default."""
     compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """dtype of the logit matmul (``None``: the weight dtype, fp32)."""
+    auxiliary: list[dict[str, Any]] = field(default_factory=list)
+    """Metric / regularising losses added to the margin softmax, each ``{name, weight, options}``: triplet,
+    contrastive, center, ring, intra_angle, inter_angle, uploss, magface (see distrib_face.losses.auxiliary)."""
 
     def __post_init__(self) -> None:
+        from distrib_face.losses.auxiliary import AuxLossSpec
         from distrib_face.losses.margins import list_margins  # the registry is the source of truth
+
+        for i, spec in enumerate(self.auxiliary):
+            try:
+                AuxLossSpec.from_dict(dict(spec))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"loss.auxiliary[{i}]: {err}") from err
 
         _check_choice("loss.margin", self.margin, list_margins())
         if not 0.0 < self.sample_rate <= 1.0:

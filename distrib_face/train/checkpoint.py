@@ -167,6 +167,7 @@ def save_checkpoint(
     ds_config: dict[str, Any],
     backbone_file: tuple[Any, str, dict[str, Any]] | None,
     keep: int = 0,
+    auxiliary: tuple[Any, Any] = (None, None),
 ) -> Path:
     """Write one checkpoint under ``root`` (collective: every rank calls it at the same step).
 
@@ -181,6 +182,8 @@ def save_checkpoint(
         ds_config: the resolved DeepSpeed config.
         backbone_file: on rank 0, ``(fp32 module, registry name, kwargs)`` for ``backbone.pt``; else None.
         keep: keep only this many newest step checkpoints (0: all).
+        auxiliary: ``(module, optimizer)`` of the auxiliary losses (their class centres are sharded like the
+            classifier, so each rank writes its own ``ranks/rank_RRRRR_aux.pt``), or ``(None, None)``.
 
     Returns:
         The final checkpoint folder (the same path on every rank).
@@ -206,6 +209,11 @@ def save_checkpoint(
         "python_rng": _python_rng_to_json(random.getstate()),
     }))
     torch.save(capture_rng_state(ctx.device), ranks_dir / f"{rank_name}_rng.pt")
+    aux_module, aux_optimizer = auxiliary
+    if aux_module is not None:
+        torch.save({"module": aux_module.state_dict(),
+                    "optimizer": aux_optimizer.state_dict() if aux_optimizer is not None else None},
+                   ranks_dir / f"{rank_name}_aux.pt")
     if ctx.rank == 0:
         if backbone_file is not None:
             module, name, kwargs = backbone_file
@@ -292,6 +300,7 @@ def load_checkpoint(
     engine: Any,
     classifier: Any,
     shard_optimizer: Any,
+    auxiliary: tuple[Any, Any] = (None, None),
 ) -> LoadedCheckpoint:
     """Restore a checkpoint in place (collective: every rank calls it).
 
@@ -336,5 +345,24 @@ def load_checkpoint(
         random.setstate(_python_rng_from_json(json.loads((resolved / "ranks" / f"{rank_name}.json").read_text())["python_rng"]))
         rng = torch.load(resolved / "ranks" / f"{rank_name}_rng.pt", map_location="cpu", weights_only=True)
         restore_rng_state(rng, ctx.device)
+    _load_auxiliary(resolved / "ranks" / f"rank_{ctx.rank:05d}_aux.pt", auxiliary, same_world)
     logger.info("rank %d: resumed from %s at step %d", ctx.rank, resolved, state.step)
     return LoadedCheckpoint(path=resolved, trainer_state=state, config=config, loader_states=loader_states, same_world=same_world)
+
+
+def _load_auxiliary(path: Path, auxiliary: tuple[Any, Any], same_world: bool) -> None:
+    """Restore the auxiliary losses' state (sharded class centres, ring radius) and their optimiser."""
+    module, optimizer = auxiliary
+    if module is None:
+        return
+    if not path.is_file():
+        logger.warning("%s: no auxiliary-loss state in this checkpoint: the auxiliary losses start afresh", path)
+        return
+    if not same_world:
+        # Their class centres are cut by rank like the classifier's rows; they are re-learnt rather than resharded.
+        logger.warning("the world size changed: the auxiliary losses' class centres start afresh")
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(saved["module"])
+    if optimizer is not None and saved["optimizer"] is not None:
+        optimizer.load_state_dict(saved["optimizer"])

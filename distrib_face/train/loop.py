@@ -97,6 +97,30 @@ def build_classifier(cfg: Config, num_classes: int, ctx: Any) -> tuple[Any, Any]
     return classifier, optimizer
 
 
+def build_auxiliary(cfg: Config, num_classes: int, ctx: Any, class_counts: Any = None) -> tuple[Any, Any]:
+    """The configured auxiliary losses (``loss.auxiliary``) and a plain SGD / AdamW over their own
+    parameters (sharded class centres, the ring radius), or ``(None, None)`` when none is configured.
+
+    Like the class shard, these parameters are not data-parallel: nothing averages them over ranks.
+    """
+    if not cfg.loss.auxiliary:
+        return None, None
+    from distrib_face.losses.auxiliary import build_auxiliary_losses
+
+    aux = build_auxiliary_losses(
+        cfg.loss.auxiliary, num_classes=num_classes, embedding_size=cfg.model.embedding_size, group=ctx.group,
+        device=ctx.device, embedding_grad_scale=float(ctx.world_size), class_counts=class_counts, seed=cfg.train.seed,
+    )
+    params = [p for p in aux.parameters() if p.requires_grad]
+    if not params:
+        return aux, None
+    if cfg.optim.name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    return aux, optimizer
+
+
 def _load_init_backbone(backbone: torch.nn.Module, path: str) -> None:
     """Fine-tuning: copy weights from a backbone file or one of our checkpoint folders into ``backbone``."""
     from distrib_face.models import load_backbone
@@ -161,9 +185,10 @@ class StepRunner:
     """
 
     def __init__(self, cfg: Config, ctx: Any, engine: Any, classifier: Any, shard_optimizer: Any,
-                 input_dtype: torch.dtype) -> None:
+                 input_dtype: torch.dtype, auxiliary: Any = None, aux_optimizer: Any = None) -> None:
         self.cfg, self.ctx, self.engine = cfg, ctx, engine
         self.classifier, self.shard_optimizer, self.input_dtype = classifier, shard_optimizer, input_dtype
+        self.auxiliary, self.aux_optimizer = auxiliary, aux_optimizer
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, poison: bool = False) -> float:
@@ -178,6 +203,9 @@ class StepRunner:
         labels = labels.to(self.ctx.device, non_blocking=True)
         embeddings = self.engine(images)  # [B_local, D]
         loss = self.classifier(embeddings.float(), labels)
+        if self.auxiliary is not None:
+            aux_total, _ = self.auxiliary(embeddings.float(), labels, classifier=self.classifier)
+            loss = loss + aux_total
         if poison:
             loss = loss * float("nan")
         value = float(loss.detach())  # a host sync per micro-batch: every rank must see the same verdict
@@ -214,6 +242,18 @@ class StepRunner:
             if self.cfg.optim.grad_clip and clf_grad is not None:
                 _clip_classifier_grad(clf_grad, self.cfg.optim.grad_clip, ctx)
             self.shard_optimizer.step()
+            if self.aux_optimizer is not None:
+                if engine.fp16_enabled():
+                    from distrib_face.train.engine import current_loss_scale
+
+                    inv_scale = 1.0 / current_loss_scale(engine)
+                    for group in self.aux_optimizer.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.mul_(inv_scale)
+                self.aux_optimizer.step()
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.zero_grad(set_to_none=True)
         if want_grad_norm and grad_norm is None:
             grad_norm = _global_grad_norm(engine, clf_grad, ctx)
         self.shard_optimizer.zero_grad()
@@ -300,13 +340,19 @@ def run_training(
     if cfg.model.compile:
         engine.compile()
     classifier, shard_optimizer = build_classifier(cfg, data.num_classes, ctx)
+    auxiliary, aux_optimizer = build_auxiliary(
+        cfg, data.num_classes, ctx, class_counts=data.manifest.class_counts if data.manifest is not None else None,
+    )
     schedule = LRSchedule.from_config(cfg.schedule, total_steps, steps_per_epoch)
     optimizers, peaks = [bundle.optimizer, shard_optimizer], [backbone_lr, classifier_lr]
+    if aux_optimizer is not None:
+        optimizers.append(aux_optimizer)
+        peaks.append(classifier_lr)  # class centres / radius learn like the class shard
 
     state = TrainerState(world_size=ctx.world_size)
     if resume_path is not None:
         loaded = load_checkpoint(resume_path, ctx=ctx, engine=engine, classifier=classifier,
-                                 shard_optimizer=shard_optimizer)
+                                 shard_optimizer=shard_optimizer, auxiliary=(auxiliary, aux_optimizer))
         state = loaded.trainer_state
         restore_loader(loader, loaded.loader_states, ctx.rank, ctx.world_size, epoch=state.epoch,
                        samples_in_epoch=state.epoch_samples, batch_size=cfg.data.batch_size)
@@ -369,7 +415,8 @@ def run_training(
             verification_before = dict(state.eval_history[0][1])
 
         # -------------------------------------------------------------- the loop
-        runner = StepRunner(cfg, ctx, engine, classifier, shard_optimizer, bundle.input_dtype)
+        runner = StepRunner(cfg, ctx, engine, classifier, shard_optimizer, bundle.input_dtype,
+                            auxiliary=auxiliary, aux_optimizer=aux_optimizer)
         global_micro_batch = cfg.data.batch_size * ctx.world_size
         nan_steps = set(tcfg.debug_nan_steps)
         data_iter = iter(loader)
@@ -452,7 +499,7 @@ def run_training(
             if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or state.step == stop_at:
                 last_checkpoint = _checkpoint(
                     cfg, ctx, ckpt_root, engine, classifier, shard_optimizer, state, loader, bundle,
-                    save_checkpoint, backbone_state_dict_fp32,
+                    save_checkpoint, backbone_state_dict_fp32, auxiliary=(auxiliary, aux_optimizer),
                 )
                 if reporter is not None and state.step < stop_at:
                     reporter.report({"step": state.step, "loss": last_loss}, str(last_checkpoint))
@@ -517,7 +564,8 @@ def run_training(
 
 
 def _checkpoint(cfg: Config, ctx: Any, root: Path, engine: Any, classifier: Any, shard_optimizer: Any, state: Any,
-                loader: Any, bundle: Any, save_checkpoint: Any, backbone_state_dict_fp32: Any) -> Path:
+                loader: Any, bundle: Any, save_checkpoint: Any, backbone_state_dict_fp32: Any,
+                auxiliary: tuple[Any, Any] = (None, None)) -> Path:
     backbone_file = None
     if ctx.rank == 0:
         from distrib_face.train.engine import build_backbone
@@ -534,7 +582,7 @@ def _checkpoint(cfg: Config, ctx: Any, root: Path, engine: Any, classifier: Any,
     return save_checkpoint(
         root, ctx=ctx, engine=engine, classifier=classifier, shard_optimizer=shard_optimizer, trainer_state=state,
         loader_state=loader.state_dict(), config=cfg.to_dict(), ds_config=bundle.ds_config,
-        backbone_file=backbone_file, keep=cfg.train.keep_checkpoints,
+        backbone_file=backbone_file, keep=cfg.train.keep_checkpoints, auxiliary=auxiliary,
     )
 
 
