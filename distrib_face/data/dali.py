@@ -23,7 +23,8 @@ def build_pipeline(source: Iterable[Any], *, batch_size: int, image_size: tuple[
     """Build a DALI pipeline reading ``(encoded images, labels)`` batches from ``source``.
 
     Args:
-        source: an iterable whose iterator yields ``(list of uint8 1-D arrays, list of int64 0-d arrays)``.
+        source: an iterable whose iterator yields ``(list of uint8 1-D arrays, list of int64 0-d arrays)``,
+            plus, when ``augment.flip``, a list of int32 0-d mirror flags.
         batch_size: the largest batch ``source`` yields.
         image_size: output ``(H, W)``.
         resize: resize every decoded image to ``image_size`` (when the shards' size differs or varies).
@@ -46,8 +47,15 @@ def build_pipeline(source: Iterable[Any], *, batch_size: int, image_size: tuple[
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch_queue_depth)
     def face_pipeline():  # type: ignore[no-untyped-def]
-        jpegs, labels = fn.external_source(source=source, num_outputs=2, cycle="raise", batch=True,
-                                           dtype=[types.UINT8, types.INT64])
+        if augment.flip:
+            # The mirror flags come with the batch (decided per sample from (seed, epoch, position) by the
+            # loader), so a resumed run flips exactly what the uninterrupted run flipped.
+            jpegs, labels, mirror = fn.external_source(source=source, num_outputs=3, cycle="raise", batch=True,
+                                                       dtype=[types.UINT8, types.INT64, types.INT32])
+        else:
+            jpegs, labels = fn.external_source(source=source, num_outputs=2, cycle="raise", batch=True,
+                                               dtype=[types.UINT8, types.INT64])
+            mirror = 0
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if augment.random_resized_crop is not None:
             images = fn.random_resized_crop(images, size=[height, width],
@@ -71,7 +79,6 @@ def build_pipeline(source: Iterable[Any], *, batch_size: int, image_size: tuple[
             blurred = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(augment.blur_sigma)))
             chosen = fn.random.coin_flip(probability=augment.blur_prob, dtype=types.FLOAT)
             images = fn.cast(blurred * chosen + images * (1 - chosen), dtype=types.UINT8)
-        mirror = fn.random.coin_flip(probability=0.5) if augment.flip else 0
         images = fn.crop_mirror_normalize(images, mean=[127.5] * 3, std=[127.5] * 3, output_layout="CHW",
                                           dtype=types.FLOAT16 if half else types.FLOAT, mirror=mirror)
         return images, labels

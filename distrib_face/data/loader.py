@@ -335,7 +335,7 @@ class TrainLoader:
         from distrib_face.data.dali import build_pipeline
 
         if self._pipe is None:
-            self._feed = _DaliFeed()
+            self._feed = _DaliFeed(flip=self.augment.flip, seed=self.seed * 1000003 + self.rank)
             resize = self.manifest.image_size is None or tuple(self.manifest.image_size) != tuple(self.image_size)
             self._pipe = build_pipeline(
                 self._feed, batch_size=self.batch_size, image_size=self.image_size, resize=resize,
@@ -350,7 +350,7 @@ class TrainLoader:
         from distrib_face.data.dali import outputs_to_torch
 
         pipe, feed = self._ensure_pipeline()
-        feed.start(raw_batches)
+        feed.start(raw_batches, self._progress.epoch)
         if self._pipe_needs_reset:
             pipe.reset()
         finished = False
@@ -406,12 +406,14 @@ class TrainLoader:
 class _DaliFeed:
     """The ``external_source`` iterable: hands DALI the loader's batches and remembers which are in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, flip: bool, seed: int) -> None:
         self.source: Iterator[_RawBatch] | None = None
         self.inflight: deque[_RawBatch] = deque()
+        self.flip, self.seed, self.epoch = flip, seed, 0
 
-    def start(self, source: Iterator[_RawBatch]) -> None:
+    def start(self, source: Iterator[_RawBatch], epoch: int) -> None:
         self.source = source
+        self.epoch = epoch
         self.inflight.clear()
 
     def stop(self) -> None:
@@ -427,7 +429,23 @@ class _DaliFeed:
             raise StopIteration
         raw = next(self.source)
         self.inflight.append(raw)
-        return list(raw.images), [np.array(label, dtype=np.int64) for label in raw.labels]
+        labels = [np.array(label, dtype=np.int64) for label in raw.labels]
+        if not self.flip:
+            return list(raw.images), labels
+        flags = [np.array(flip_bit(self.seed, self.epoch, origin), dtype=np.int32) for origin in raw.origins]
+        return list(raw.images), labels, flags
+
+
+def flip_bit(seed: int, epoch: int, origin: tuple[int, ...]) -> int:
+    """Whether to mirror the sample at ``origin`` (pass, worker, position) in ``epoch``: a fair coin that is a
+    pure function of its arguments (splitmix64), so resuming mid-epoch repeats the same flips."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    for part in origin:
+        x = (x ^ (int(part) + 0x94D049BB133111EB)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return int(x >> 63)
 
 
 def _parse_device(device: str | torch.device) -> torch.device:

@@ -149,10 +149,10 @@ def tiny_shards(tmp_path_factory) -> Path:
 def _resume_config(tmp: Path, name: str, shards: Path, **train) -> dict:
     return _config(
         tmp, name,
-        # augment false: DALI's random flip draws from the pipeline's seed, which the loader state does not
-        # carry (a fresh pipeline restarts that stream), so flips after a resume would differ.
+        # Random horizontal flips on: their flags are a function of (seed, epoch, sample position), so the
+        # resumed run flips exactly what the uninterrupted one did.
         data={"source": "shards", "shards": str(shards), "decoder": "dali", "num_workers": 0, "dali_threads": 1,
-              "batch_size": 8, "augment": False},
+              "batch_size": 8, "augment": {"flip": True}},
         loss={"sample_rate": 0.5},
         deepspeed={"zero_stage": 1},
         schedule={"kind": "poly", "warmup_steps": 2},
