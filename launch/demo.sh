@@ -65,7 +65,8 @@ trap 'exit 130' INT TERM
 echo "[demo] starting a Ray head on 127.0.0.1 (dashboard $ADDRESS, temp dir $RAY_TMP)"
 # The head runs under .venv's python (PATH), so the job's driver and the workers do too.
 python -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' \
-  ray start --head --block --port="$GCS_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
+  ray start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" --dashboard-host=127.0.0.1 \
+  --dashboard-port="$DASH_PORT" \
   --include-dashboard=true --num-cpus=2 --object-store-memory=1000000000 --temp-dir="$RAY_TMP" \
   --disable-usage-stats --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
   --metrics-export-port="$METRICS_PORT" > "$OUT/ray_head.log" 2>&1 &

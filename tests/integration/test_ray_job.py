@@ -96,7 +96,7 @@ def ray_head(temp_dir: Path, num_cpus: int = 2) -> Iterator[tuple[str, dict[str,
     env = ray_env(token_path)
     dashboard_port = free_port()
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
         f"--num-cpus={num_cpus}", "--object-store-memory=1000000000", f"--temp-dir={temp_dir}",
         "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
