@@ -32,11 +32,10 @@ from distrib_face.data.stream import (
     class_weights,
     epoch_samples_per_rank,
 )
+from distrib_face.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 STATE_VERSION = 1
 
 
@@ -561,9 +560,7 @@ def build_loader(
     if rebalance not in REBALANCE:
         raise ValueError(f"rebalance must be one of {REBALANCE}, got {rebalance!r}")
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+        dtype = parse_dtype(dtype)
     manifest = _manifest_for(shards_or_dir)
     return TrainLoader(
         manifest, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,

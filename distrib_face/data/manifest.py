@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from distrib_face.atomic import write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "distrib_face.shards/1"
@@ -199,12 +200,7 @@ def read_manifest(dir_or_file: str | os.PathLike) -> Manifest:
 
 def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
     """Write ``manifest`` as ``out_dir/manifest.json`` atomically; returns the path."""
-    out_dir = Path(out_dir)
-    path = out_dir / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(manifest.to_json_dict(), handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, path)
+    path = Path(out_dir) / MANIFEST_NAME
+    write_json(path, manifest.to_json_dict())
     manifest.location = str(path)
     return path

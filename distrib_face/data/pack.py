@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from distrib_face.atomic import write_json
 from distrib_face.data.manifest import MANIFEST_NAME, Manifest, content_hash, write_manifest
 from distrib_face.data.shards import ShardWriter
 
@@ -221,9 +222,7 @@ def _listing_hash(source: Source, options: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload)
 
 
 def _existing_outputs(out: Path, prefix: str) -> list[Path]:

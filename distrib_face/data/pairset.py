@@ -13,12 +13,13 @@ One ``.npz`` file, readable without pickle (``np.load(..., allow_pickle=False)``
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from distrib_face.atomic import atomic_path
 
 
 @dataclass
@@ -58,14 +59,8 @@ def save_pairset(path: str | os.PathLike, pairs: PairSet) -> Path:
     arrays = {"data": data, "offsets": offsets, "issame": pairs.issame, "name": np.array(pairs.name)}
     if pairs.folds is not None:
         arrays["folds"] = pairs.folds
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -9,18 +9,16 @@ The exported model's contract (the one insightface's recognition models follow):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from distrib_face.atomic import atomic_path
 from distrib_face.models.io import BackboneFileError, load_backbone, read_backbone_file
 
 logger = logging.getLogger(__name__)
@@ -109,20 +107,6 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -159,7 +143,7 @@ def export_onnx(
     model = prepare_for_export(model)
     size = input_size or input_size_of(model)
     example = torch.zeros(2, 3, size, size)
-    with _atomic_target(path) as target:
+    with atomic_path(path) as target:
         with warnings.catch_warnings():
             # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs onnxscript.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -220,7 +204,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, *, input_size:
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
         traced = torch.jit.freeze(traced)
-    with _atomic_target(path) as target:
+    with atomic_path(path) as target:
         torch.jit.save(traced, str(target))
     logger.info("exported TorchScript (input %dx%d) to %s", size, size, path)
     return path

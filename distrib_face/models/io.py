@@ -13,13 +13,13 @@ One ``torch.save`` file holding only plain types and tensors, so it loads with
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from distrib_face.atomic import atomic_open
 from distrib_face.models.registry import create_backbone, is_backbone, list_backbones
 
 FORMAT_VERSION = 1
@@ -83,17 +83,8 @@ def save_backbone(path: str | os.PathLike, model: nn.Module, name: str, kwargs: 
     state_dict = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
     payload = {"name": name, "kwargs": kwargs, "state_dict": state_dict, "version": FORMAT_VERSION}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

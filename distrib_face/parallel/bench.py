@@ -25,9 +25,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from distrib_face.dtypes import parse_dtype
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _compute_dtype(name: str) -> torch.dtype | None:
+    """The classifier's ``compute_dtype`` for a ``--dtype`` name (fp32: the weights' own, None)."""
+    return None if name == "fp32" else parse_dtype(name, "--dtype")
 
 
 @dataclass(kw_only=True)
@@ -47,8 +54,8 @@ class BenchSpec:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--dtype must be one of {list(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.classes < self.world_size:
             raise ValueError(f"--classes ({self.classes}) must be >= --world-size ({self.world_size})")
         if self.device.startswith("cuda") and self.world_size > 1:
@@ -118,7 +125,7 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> tuple[float, float]:
         torch.cuda.reset_peak_memory_stats(device)
     clf = ShardedMarginClassifier(
         spec.classes, spec.embedding, margin=create_margin(spec.margin), sample_rate=spec.sample_rate,
-        group=group, device=device, chunk_size=spec.chunk_size, compute_dtype=DTYPES[spec.dtype],
+        group=group, device=device, chunk_size=spec.chunk_size, compute_dtype=_compute_dtype(spec.dtype),
     )
     opt = ShardOptimizer(clf, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(1234 + clf.rank)
@@ -152,7 +159,7 @@ def _baseline(spec: BenchSpec) -> tuple[float, float]:
     emb = torch.randn(batch, spec.embedding, device=device, generator=gen).requires_grad_(True)
     labels = torch.randint(0, spec.classes, (batch,), device=device, generator=gen)
     rows = torch.arange(batch, device=device)
-    compute = DTYPES[spec.dtype]
+    compute = _compute_dtype(spec.dtype)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=compute, enabled=compute is not None):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distrib_face.atomic import atomic_open
 from distrib_face.parallel.classifier import ShardedMarginClassifier
 from distrib_face.parallel.optim import ShardOptimizer
 from distrib_face.parallel.shard import class_range
@@ -40,16 +40,8 @@ def shard_filename(rank: int, world_size: int) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path) as handle:
+        torch.save(obj, handle)
 
 
 def _shard_payload(

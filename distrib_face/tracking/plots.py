@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distrib_face.atomic import atomic_path
+
 PathLike = str | os.PathLike[str]
 
 
@@ -22,9 +24,8 @@ def _save(figure: "Figure", path: PathLike) -> Path:  # noqa: F821 - matplotlib 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    tmp = out.with_name(out.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
     return out
 
 

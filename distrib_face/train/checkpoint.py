@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distrib_face.atomic import fsync_dir, fsync_tree, write_text
 from distrib_face.parallel import barrier
 
 logger = logging.getLogger(__name__)
@@ -100,31 +101,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
             raise CheckpointError(f"{latest} points to {name!r}, which is not a complete checkpoint in {path}")
         return target
     return None
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:
@@ -238,7 +214,7 @@ def save_checkpoint(
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # an earlier attempt at the same step (a restarted job): replace it
         shutil.rmtree(final)
     try:
@@ -246,9 +222,9 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
     except OSError:
         if not final.exists():
             raise
-    _fsync_dir(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
+    write_text(root / LATEST, final.name + "\n")
+    fsync_dir(root)
 
 
 def _prune(root: Path, keep: int) -> None:

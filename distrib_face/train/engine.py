@@ -18,11 +18,9 @@ import torch
 from torch import nn
 
 from distrib_face.config import Config
+from distrib_face.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config the engine is built from (saved beside the run and logged to MLflow)."""
@@ -119,7 +117,7 @@ def build_engine(cfg: Config, backbone: nn.Module, lr: float, device: torch.devi
     ds_config = deepspeed_config(cfg, world_size)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
     del ds_optimizer  # the engine steps it; we set learning rates on the torch optimiser's param groups
-    return EngineBundle(engine=engine, optimizer=optimizer, ds_config=ds_config, input_dtype=DTYPES[cfg.deepspeed.precision])
+    return EngineBundle(engine=engine, optimizer=optimizer, ds_config=ds_config, input_dtype=parse_dtype(cfg.deepspeed.precision))
 
 
 def _init_single_process_group(deepspeed: Any, device: torch.device) -> None:

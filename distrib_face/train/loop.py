@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from distrib_face.config import Config
+from distrib_face.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ class Reporter(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     """The loss was NaN or Inf for ``train.max_bad_steps`` micro-batches in a row."""
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -87,7 +85,7 @@ def build_classifier(cfg: Config, num_classes: int, ctx: Any) -> tuple[Any, Any]
     classifier = ShardedMarginClassifier(
         num_classes, cfg.model.embedding_size, margin=margin, sample_rate=loss.sample_rate, group=ctx.group,
         dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
-        compute_dtype=_DTYPES[loss.compute_dtype] if loss.compute_dtype else None,
+        compute_dtype=parse_dtype(loss.compute_dtype) if loss.compute_dtype else None,
         embedding_grad_scale=float(ctx.world_size), **kwargs,
     )
     optimizer = ShardOptimizer(

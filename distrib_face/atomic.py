@@ -1,0 +1,167 @@
+"""Atomic writes: a file or a folder appears under its final name complete, or not at all.
+
+Every writer of a file a reader may open while it is written (checkpoints, manifests, pair sets, exported
+models, plots) goes through here: the content goes to a temp name beside the target (same file system, so
+the rename is atomic), is flushed and fsynced, then ``os.replace`` puts it in place and the parent folder
+is fsynced so the rename survives a power cut. On any error the temp file is removed and the previous
+target, if any, is untouched.
+
+A full or read-only disk raises :class:`OutputError` naming the target path ("no space left on PATH"),
+which the entry points turn into one line for the user.
+
+This module is a leaf: it imports nothing of distrib_face, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = [
+    "OutputError",
+    "atomic_dir",
+    "atomic_open",
+    "atomic_path",
+    "fsync_dir",
+    "fsync_tree",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+
+class OutputError(OSError):
+    """Writing an output failed for a reason the user must fix (no space, read-only, permission)."""
+
+
+_USER_ERRNOS = {errno.ENOSPC: "no space left on", errno.EDQUOT: "disk quota exceeded on",
+                errno.EROFS: "read-only file system at", errno.EACCES: "permission denied writing",
+                errno.EPERM: "permission denied writing", errno.EFBIG: "file too large for"}
+
+
+def explain_os_error(err: OSError, path: str | os.PathLike) -> OSError:
+    """``err`` as an :class:`OutputError` naming ``path`` when it is a disk / permission problem, else ``err``."""
+    what = _USER_ERRNOS.get(err.errno or 0)
+    if what is None or isinstance(err, OutputError):
+        return err
+    out = OutputError(err.errno, f"{what} {path}")
+    out.filename = str(path)
+    return out
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so that a rename inside it is durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder under ``root``."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(dirpath)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for a writer that wants a file name (``np.savez``, ``onnx.save``).
+
+    When the block exits normally the temp file is fsynced and replaces ``path``; on an exception it is
+    deleted. ``suffix`` keeps writers that append an extension (numpy adds ``.npz``) on the same name.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise explain_os_error(err, path) from err
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        raise explain_os_error(err, path) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path`` for writing (``"wb"`` or ``"w"``); it replaces ``path`` on success."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, mode) as handle:
+                yield handle
+                handle.flush()
+        except OSError as err:
+            raise explain_os_error(err, path) from err
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, payload: Any, indent: int | None = 1, **kwargs: Any) -> Path:
+    """Write ``payload`` as JSON (and a final newline) to ``path`` atomically; returns the path."""
+    return write_text(path, json.dumps(payload, indent=indent, **kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on success it is fsynced and renamed to ``path``.
+
+    Args:
+        path: the final folder.
+        replace: an existing ``path`` is removed first (else :class:`FileExistsError`).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise explain_os_error(err, path) from err
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        raise explain_os_error(err, path) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
