@@ -242,9 +242,10 @@ def accuracy_by_class_size(
         name: the pair set's name.
     """
     scores, issame = _check_scores(scores, issame)
-    counts = np.asarray(image_counts, dtype=np.int64).reshape(-1, 2)
-    if counts.shape[0] != scores.size:
+    counts = np.asarray(image_counts, dtype=np.int64).reshape(-1)
+    if counts.size != 2 * scores.size:
         raise ValueError(f"{counts.size} image counts for {scores.size} pairs (need 2 per pair)")
+    counts = counts.reshape(-1, 2)  # [N, 2]: the pair's two images
     ranges = bucket_ranges(edges)
     low, high = _check_edges(edges)
     pair_count = np.where((counts < 0).any(axis=1), -1, counts.min(axis=1))  # the rarer identity's count
@@ -279,7 +280,8 @@ def accuracy_by_class_size(
     if num_unknown:
         notes.append(f"{num_unknown} pairs have an image of unknown identity and are in no bucket")
     if any(v is None for v in cuts.values()):
-        notes.append(f"TAR@FAR below 1/{int((~issame).sum())} impostor pairs is not measurable (None)")
+        num_impostor = int((~issame).sum())
+        notes.append(f"TAR@FAR < 1/{num_impostor} is not measurable with {num_impostor} impostor pairs (None)")
     return ClassSizeResult(buckets=buckets, edges=(low, high), num_unknown=num_unknown,
                            fold_thresholds=list(fold_thresholds), name=name, notes=notes)
 
@@ -305,6 +307,42 @@ def format_class_size_table(result: ClassSizeResult, far_targets: Sequence[float
     return "\n".join([title, *lines, *[f"note: {n}" for n in result.notes]])
 
 
+def class_size_for_pairset(
+    pairset: Any,
+    embeddings: np.ndarray,
+    class_counts: Mapping[str, int] | None = None,
+    *,
+    edges: Sequence[int] = DEFAULT_EDGES,
+    nfolds: int = 10,
+    far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
+) -> ClassSizeResult | None:
+    """The class-size split of a pair set from its embeddings (what the trainer's verification calls).
+
+    Args:
+        pairset: a :class:`~distrib_face.data.pairset.PairSet`.
+        embeddings: [2N, D] embeddings of ``pairset.images`` in order (any norm).
+        class_counts: ``{identity name: training images}`` (the training manifest's, for a trainer); without
+            it the pair set's own ``image_counts`` are used.
+        edges / nfolds / far_targets: as :func:`accuracy_by_class_size` (the folds are the set's own when it
+            has them, as ``verification_metrics`` uses).
+
+    Returns:
+        The split, or ``None`` when the set has neither identity names (with ``class_counts``) nor counts.
+    """
+    from distrib_face.eval.metrics import cosine_scores
+
+    counts = image_counts_of(pairset.identities, pairset.image_counts, class_counts)
+    if counts is None:
+        return None
+    by_size = accuracy_by_class_size(cosine_scores(embeddings[0::2], embeddings[1::2]), pairset.issame, counts,
+                                     folds=pairset.folds, nfolds=nfolds, edges=edges, far_targets=far_targets,
+                                     name=pairset.name)
+    if class_counts is not None and pairset.identities is not None and not (counts > 0).any():
+        by_size.notes.append("none of the set's identities has training images in the class counts, so every "
+                             "pair is 'unseen' (a disjoint held-out set, or names that differ from training's?)")
+    return by_size
+
+
 def evaluate_pairset_by_class_size(
     model: Any,
     pairset: Any,
@@ -327,13 +365,12 @@ def evaluate_pairset_by_class_size(
         identities (with ``class_counts``) nor image counts.
 
     Raises:
-        ValueError: ``class_counts`` given for a set without per-image identity names.
+        ValueError: ``class_counts`` given for a set with neither identity names nor image counts.
     """
     from distrib_face.eval.embed import embed_images
-    from distrib_face.eval.metrics import cosine_scores, verification_metrics
+    from distrib_face.eval.metrics import verification_metrics
 
-    counts = image_counts_of(pairset.identities, pairset.image_counts, class_counts)
-    if class_counts is not None and pairset.identities is None and counts is None:
+    if class_counts is not None and pairset.identities is None and pairset.image_counts is None:
         raise ValueError(f"pair set {pairset.name!r} has no per-image identity names, so --class-counts cannot "
                          "apply (pairs.txt sets and pair-set files written with identities have them; .bin files "
                          "do not)")
@@ -342,12 +379,6 @@ def evaluate_pairset_by_class_size(
     embeddings = embed_images(model, pairset.images, **options)
     result = verification_metrics(embeddings[0::2], embeddings[1::2], pairset.issame, nfolds=nfolds,
                                   far_targets=far_targets, folds=pairset.folds, name=pairset.name)
-    if counts is None:
-        return result, None
-    by_size = accuracy_by_class_size(cosine_scores(embeddings[0::2], embeddings[1::2]), pairset.issame, counts,
-                                     folds=pairset.folds, nfolds=nfolds, edges=edges, far_targets=far_targets,
-                                     name=pairset.name)
-    if class_counts is not None and not (counts > 0).any():
-        by_size.notes.append("no identity of the set has training images in the class counts (names differ?): "
-                             "every pair is 'unseen'")
+    by_size = class_size_for_pairset(pairset, embeddings, class_counts, edges=edges, nfolds=nfolds,
+                                     far_targets=far_targets)
     return result, by_size

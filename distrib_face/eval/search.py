@@ -46,6 +46,8 @@ DEFAULT_EF_SEARCH = 128
 
 
 def _faiss() -> Any:
+    # faiss's loader logs each SIMD build it tries at INFO; the dynamic-dispatch wheel needs none of them
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as err:  # pragma: no cover - faiss-cpu is a runtime dependency
