@@ -55,7 +55,9 @@ class PairSet:
         if self.identities is not None:
             self.identities = [str(v) for v in self.identities]
             if len(self.identities) != len(self.images):
-                raise ValueError(f"pair set {self.name!r}: {len(self.identities)} identities for {len(self.images)} images")
+                raise ValueError(
+                    f"pair set {self.name!r}: {len(self.identities)} identities for {len(self.images)} images"
+                )
         if self.image_counts is not None:
             self.image_counts = np.asarray(self.image_counts, dtype=np.int64).reshape(-1)
             if self.image_counts.shape[0] != len(self.images):

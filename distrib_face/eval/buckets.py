@@ -212,7 +212,10 @@ def far_thresholds(scores: np.ndarray, issame: np.ndarray, far_targets: Sequence
     cuts: dict[float, float | None] = {}
     for far in far_targets:
         allowed = math.floor(float(far) * impostor.size + 1e-9)
-        cuts[float(far)] = None if allowed < 1 else (-math.inf if allowed >= impostor.size else float(impostor[allowed]))
+        if allowed < 1:
+            cuts[float(far)] = None
+        else:
+            cuts[float(far)] = -math.inf if allowed >= impostor.size else float(impostor[allowed])
     return cuts
 
 

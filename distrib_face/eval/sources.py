@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from distrib_face.eval.embed import DEFAULT_IMAGE_SIZE, decode_image
+from distrib_face.eval.embed import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,9 @@ class ReaderPool:
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError as err:
-            raise RuntimeError(f"a reader process gave no result within {self.timeout:.0f} s (stuck decoding?)") from err
+            raise RuntimeError(
+                f"a reader process gave no result within {self.timeout:.0f} s (stuck reading or decoding?)"
+            ) from err
         except concurrent.futures.process.BrokenProcessPool as err:
             raise RuntimeError(f"a reader process died (out of memory, or killed): {err}") from err
 
@@ -329,8 +331,3 @@ class ReaderPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def default_size(size: tuple[int, int] | None) -> tuple[int, int]:
-    """``size`` or the default 112 x 112."""
-    return tuple(size) if size else DEFAULT_IMAGE_SIZE  # type: ignore[return-value]

@@ -57,7 +57,8 @@ def test_hand_computed_case():
     assert all(b[k].tar_at_far[0.1] is None for k in b)  # FAR 0.1 needs 10 impostor pairs
     assert bucket_ranges() == {"head": (100, math.inf), "torso": (10, 99), "tail": (1, 9), "unseen": (0, 0)}
     d = r.to_dict()
-    assert d["buckets"]["head"]["count_range"] == [100, None] and d["buckets"]["tail"]["accuracy"] == pytest.approx(2 / 3)
+    assert d["buckets"]["head"]["count_range"] == [100, None]
+    assert d["buckets"]["tail"]["accuracy"] == pytest.approx(2 / 3)
     flat = r.summarize("verify")
     assert flat["verify/tail/accuracy"] == pytest.approx(2 / 3) and flat["verify/head/num_pairs"] == 3.0
     assert flat["verify/tail/tar_at_far_2e-01"] == 0.5 and "verify/tail/tar_at_far_1e-01" not in flat

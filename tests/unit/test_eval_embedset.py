@@ -216,7 +216,8 @@ def test_embed_cli_with_onnx_model(tmp_path, capsys):
                  "--workers", "1", "--batch-size", "4", "--no-progress"])
     assert code == 0
     err = capsys.readouterr().err
-    assert "12 embeddings of dim 8" in err and "skipped 5: decompression_bomb 1, empty 1, not_an_image 1, truncated 2" in err
+    assert "12 embeddings of dim 8" in err
+    assert "skipped 5: decompression_bomb 1, empty 1, not_an_image 1, truncated 2" in err
     emb = load_embeddings(out)
     onnx_reference = l2_normalize(embed_images(load_model(tmp_path / "m.onnx"), [good[n] for n in emb.names]))
     np.testing.assert_allclose(emb.embeddings, onnx_reference, atol=1e-6)
