@@ -17,6 +17,7 @@ from distrib_face.data.pairset import PairSet, load_pairset, save_pairset
 from distrib_face.eval.buckets import (
     accuracy_by_class_size,
     bucket_ranges,
+    class_size_for_pairset,
     format_class_size_table,
     image_counts_of,
     load_class_counts,
@@ -124,6 +125,12 @@ def test_class_counts_files(tmp_path):
     assert image_counts_of(None, np.array([3, 4]), None).tolist() == [3, 4]
     assert image_counts_of(None, None, {"x": 1}) is None
     assert tercile_edges([1, 2, 3, 4, 5, 6, 7, 8, 9]) == (4, 7)
+    # a set with neither names nor counts has no split; with counts of its own it has one
+    emb = np.random.default_rng(0).normal(size=(4, 3))
+    assert class_size_for_pairset(PairSet("anon", [b"a"] * 4, [True, False]), emb) is None
+    own = class_size_for_pairset(PairSet("own", [b"a"] * 4, [True, False], image_counts=[50, 50, 3, 200]), emb,
+                                 nfolds=2)
+    assert own.buckets["torso"].num_pairs == 1 and own.buckets["tail"].num_pairs == 1
 
 
 def test_pairset_identities_and_counts_are_optional_and_round_trip(tmp_path):

@@ -238,3 +238,14 @@ def test_readers_never_fork_and_a_stuck_read_fails_within_the_timeout(tmp_path):
     with pytest.raises(RuntimeError, match="no result within 2 s"):
         embed_source(_net(), tmp_path / "list.txt", workers=1, chunk_size=1, timeout=2, progress=False)
     assert time.monotonic() - start < 30  # the stuck reader was terminated, not waited for
+
+
+def test_progress_without_a_terminal_logs_rate_and_skips(caplog):
+    from distrib_face.eval.embedset import ImageProgress
+
+    caplog.set_level("INFO", logger="distrib_face.eval.embedset")
+    bar = ImageProgress(10, use_bar=False, every_s=0.0)
+    bar.update(4, 1)
+    bar.close()
+    assert bar.bar is None and bar.done == 4 and bar.skipped == 1
+    assert any("embedded 4/10 images (1 skipped)" in r.message and "img/s" in r.message for r in caplog.records)
