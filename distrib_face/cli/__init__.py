@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "distrib_face.cli.data",
     "distrib_face.cli.train",
     "distrib_face.cli.eval",
+    "distrib_face.cli.search",
     "distrib_face.cli.export",
     "distrib_face.cli.models",
 )

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     s.add_argument("--zipf-a", type=float, default=1.5, help="Zipf exponent of images per identity")
     s.add_argument("--holdout", type=int, default=50, help="held-out identities (in holdout_pairs.npz only)")
     s.add_argument("--pairs", type=int, default=600, help="held-out verification pairs")
+    s.add_argument("--seen-pairs", type=int, default=0,
+                   help="pairs of training identities (new renders, with training counts) in seen_pairs.npz")
     s.add_argument("--image-size", type=int, default=112)
     s.add_argument("--samples-per-shard", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
@@ -94,7 +96,8 @@ def _synth(args: argparse.Namespace) -> int:
     m = write_synthetic(args.out, num_identities=args.identities, min_images=args.min_images,
                         max_images=args.max_images, zipf_a=args.zipf_a, holdout_identities=args.holdout,
                         image_size=args.image_size, seed=args.seed, num_pairs=args.pairs,
-                        samples_per_shard=args.samples_per_shard, workers=args.workers or os.cpu_count() or 1)
+                        samples_per_shard=args.samples_per_shard, seen_pairs=args.seen_pairs,
+                        workers=args.workers or os.cpu_count() or 1)
     print(f"wrote {m.num_samples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
     return 0
 

@@ -11,7 +11,9 @@ better than chance.
 
 The number of images per identity follows a Zipf law truncated to ``[min_images, max_images]``:
 ``P(k) ~ k^(-zipf_a)``. ``holdout_identities`` further identities (never in the shards) are written as a
-verification pair set ``holdout_pairs.npz`` (see :mod:`distrib_face.data.pairset`).
+verification pair set ``holdout_pairs.npz`` (see :mod:`distrib_face.data.pairset`). With ``seen_pairs > 0``,
+``seen_pairs.npz`` holds pairs of *training* identities drawn from new renders (never in the shards), with
+each image's identity name and training-image count, for verification accuracy by class size.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from distrib_face.data.shards import ShardWriter
 log = logging.getLogger(__name__)
 
 HOLDOUT_PAIRS = "holdout_pairs.npz"
+SEEN_PAIRS = "seen_pairs.npz"
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ def write_synthetic(
     num_pairs: int = 600,
     samples_per_shard: int = 500,
     holdout_images: int = 6,
+    seen_pairs: int = 0,
     workers: int = 1,
 ) -> Manifest:
     """Write a synthetic long-tailed identity set as shards + ``manifest.json`` + ``holdout_pairs.npz``.
@@ -224,6 +228,7 @@ def write_synthetic(
         num_pairs: held-out pairs, half genuine and half impostor.
         samples_per_shard: samples per tar shard.
         holdout_images: images rendered per held-out identity.
+        seen_pairs: pairs of training identities (new renders) written to ``seen_pairs.npz`` (0: none).
         workers: processes rendering shards in parallel (started with ``forkserver``, never ``fork``);
             1 renders in this process.
 
@@ -262,6 +267,8 @@ def write_synthetic(
     if holdout_identities > 1 and num_pairs > 0:
         pairs = holdout_pairset(holdout_identities, holdout_images, num_pairs, image_size, seed)
         save_pairset(out / HOLDOUT_PAIRS, pairs)
+    if seen_pairs > 0:
+        save_pairset(out / SEEN_PAIRS, seen_identity_pairset(counts, seen_pairs, image_size, seed))
     log.info("wrote %d images of %d identities in %d shards to %s", len(labels), num_identities,
              len(finished), out)
     return manifest
@@ -318,6 +325,7 @@ def holdout_pairset(num_identities: int, images_per_identity: int, num_pairs: in
     images = [[_jpeg(render(ident, rng, image_size), 90) for _ in range(images_per_identity)]
               for ident in identities]
     pair_images: list[bytes] = []
+    names: list[str] = []
     issame = []
     for k in range(num_pairs):
         same = k % 2 == 0
@@ -325,10 +333,39 @@ def holdout_pairset(num_identities: int, images_per_identity: int, num_pairs: in
             who = int(rng.integers(num_identities))
             a, b = rng.choice(images_per_identity, size=2, replace=False)
             pair_images += [images[who][a], images[who][b]]
+            names += [f"holdout{who:06d}"] * 2
         else:
             first, second = rng.choice(num_identities, size=2, replace=False)
             pair_images += [images[first][int(rng.integers(images_per_identity))],
                             images[second][int(rng.integers(images_per_identity))]]
+            names += [f"holdout{first:06d}", f"holdout{second:06d}"]
         issame.append(same)
     folds = np.arange(num_pairs) * 10 // max(1, num_pairs)
-    return PairSet(name="synthetic_holdout", images=pair_images, issame=np.array(issame), folds=folds)
+    return PairSet(name="synthetic_holdout", images=pair_images, issame=np.array(issame), folds=folds,
+                   identities=names)
+
+
+def seen_identity_pairset(class_counts: np.ndarray, num_pairs: int, image_size: int, seed: int) -> PairSet:
+    """Pairs of training identities from new renders (an RNG stream of their own, never in the shards).
+
+    Identities are drawn uniformly (not by image count), so that the tail, most of a Zipf set, fills its
+    bucket; each image carries its identity name (``id%06d``, the manifest's ``label_map``) and the
+    identity's training-image count.
+    """
+    num_identities = len(class_counts)
+    if num_identities < 2:
+        raise ValueError(f"seen pairs need at least 2 training identities, got {num_identities}")
+    rng = np.random.default_rng([seed, 4])
+    pair_images: list[bytes] = []
+    who: list[int] = []
+    issame = []
+    for k in range(num_pairs):
+        same = k % 2 == 0
+        pair = [int(rng.integers(num_identities))] * 2 if same else \
+            [int(v) for v in rng.choice(num_identities, size=2, replace=False)]
+        pair_images += [_jpeg(render(identity_of(seed, i), rng, image_size), 90) for i in pair]
+        who += pair
+        issame.append(same)
+    folds = np.arange(num_pairs) * 10 // max(1, num_pairs)
+    return PairSet(name="synthetic_seen", images=pair_images, issame=np.array(issame), folds=folds,
+                   identities=[f"id{i:06d}" for i in who], image_counts=np.asarray(class_counts)[who])

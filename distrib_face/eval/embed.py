@@ -171,6 +171,24 @@ def as_embedder(model: Any, device: "str | torch.device | None" = None) -> OnnxE
     raise TypeError(f"cannot evaluate a {type(model).__name__}: pass an nn.Module, an ONNX session or a model path")
 
 
+def decode_image(data: bytes, size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Decode one encoded image to uint8 [H, W, 3] RGB at ``size`` = (height, width) (bilinear resize).
+
+    This is the decode of :func:`preprocess`; ``distrib-face embed`` runs it in its reader processes, so
+    its embeddings equal ``embed_images`` on the same bytes.
+
+    Raises:
+        OSError, ValueError: PIL's own errors for bytes it cannot decode.
+        PIL.Image.DecompressionBombError: the header claims more than twice ``Image.MAX_IMAGE_PIXELS`` pixels.
+    """
+    height, width = size
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.BILINEAR)
+        return np.asarray(img)
+
+
 def preprocess(images: Sequence[bytes] | np.ndarray, size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     """Decode and normalise images to float32 [N, 3, H, W] RGB in [-1, 1] as (x - 127.5) / 127.5.
 
@@ -192,11 +210,7 @@ def preprocess(images: Sequence[bytes] | np.ndarray, size: tuple[int, int] = DEF
         decoded = []
         for i, data in enumerate(images):
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img = img.convert("RGB")
-                    if img.size != (width, height):
-                        img = img.resize((width, height), Image.BILINEAR)
-                    decoded.append(np.asarray(img))
+                decoded.append(decode_image(data, size))
             except (OSError, ValueError) as err:
                 raise ValueError(f"image {i}: cannot decode {len(data)} bytes: {err}") from err
         arrays = np.stack(decoded) if decoded else np.zeros((0, height, width, 3), np.uint8)

@@ -140,6 +140,7 @@ def read_lfw_pairs(
             num_folds, pairs_per_fold = int(first[0]), int(first[1])
         lines = lines[1:]
     images: list[bytes] = []
+    identities: list[str] = []
     issame: list[bool] = []
     for line_no, tokens in lines:
         try:
@@ -158,6 +159,7 @@ def read_lfw_pairs(
             ) from err
         for person, number in people:
             images.append(_find_image(images_dir, person, number, pairs_path, line_no).read_bytes())
+            identities.append(person)
         issame.append(same)
     folds = None
     if num_folds is not None:
@@ -168,7 +170,8 @@ def read_lfw_pairs(
                 f"({expected} pair lines), found {len(issame)}"
             )
         folds = np.arange(len(issame)) // (2 * pairs_per_fold)
-    return PairSet(name=name or images_dir.name, images=images, issame=np.array(issame, dtype=bool), folds=folds)
+    return PairSet(name=name or images_dir.name, images=images, issame=np.array(issame, dtype=bool), folds=folds,
+                   identities=identities)
 
 
 # ------------------------------------------------------------------------------------------------- any
