@@ -100,7 +100,7 @@ def _stats(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distrib_face.data.manifest import is_remote, read_manifest
-    from distrib_face.data.stats import format_histogram, plot_images_per_identity
+    from distrib_face.data.stats import format_histogram, plot_class_sizes
 
     try:
         m = read_manifest(args.shards)
@@ -113,7 +113,7 @@ def _stats(args: argparse.Namespace) -> int:
         location = m.location or args.shards
         png = "images_per_identity.png" if is_remote(location) else str(Path(location).parent /
                                                                           "images_per_identity.png")
-    print(f"figure: {plot_images_per_identity(m.class_counts, png, title=str(args.shards))}")
+    print(f"figure: {plot_class_sizes(m.class_counts, png, title=str(args.shards))}")
     return 0
 
 
