@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -518,7 +519,10 @@ class MLflowTracker(Tracker):
         location = str(manifest.location) if manifest.location else None
         if location and "://" not in location:
             location = str(Path(location).resolve())
-        source = resolve_dataset_source(location or "unknown-manifest")
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source under two schemes and warns that a path matches both
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            source = resolve_dataset_source(location or "unknown-manifest")
         digest = manifest.content_hash[:_MAX_DATASET_DIGEST] if manifest.content_hash else None  # None: MLflow's own
         dataset = _manifest_dataset_class()(source=source, name=name or dataset_name(manifest), digest=digest,
                                             profile=profile)
