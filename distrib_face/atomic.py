@@ -78,6 +78,25 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, racing other threads' writes)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside ``path`` for a writer that wants a file name (``np.savez``, ``onnx.save``).
@@ -97,6 +116,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates 0600; the result gets the mode a plain open() would give it (or keeps the mode of
+        # the file it replaces), so that an exported model or a plot logged to MLflow stays readable by others
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as err:

@@ -106,14 +106,32 @@ def summarize(result, cfg) -> dict:
     return summary
 
 
+def _number(value, digits: int = 4) -> str:
+    """A float rounded for reading (``0.7457``), ``-`` when missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _accuracies(values) -> str:
+    """``{set: accuracy}`` as ``set 97.50%`` items."""
+    if not values:
+        return "-"
+    return ", ".join(f"{name} {100 * acc:.2f}%" if isinstance(acc, float) else f"{name} -"
+                     for name, acc in values.items())
+
+
 def print_summary(summary: dict) -> None:
-    """A short table on stdout."""
+    """A short table on stdout: numbers rounded (loss 4 decimals, img/s 1, accuracies in % with 2)."""
     rows = [
-        ("steps", f"{summary.get('steps')} / {summary.get('total_steps')}"),
-        ("images/s", f"{summary.get('images_per_sec', float('nan')):.1f}"),
-        ("final loss", summary.get("final_loss")),
-        ("verification before", summary.get("verification_before")),
-        ("verification after", summary.get("verification_after")),
+        ("steps", f"{summary.get('steps')} / {summary.get('total_steps')}"
+         + ("" if summary.get("finished", True) else " (stopped early: train.max_steps_this_run)")),
+        ("images/s", _number(summary.get("images_per_sec"), 1)),
+        ("final loss", _number(summary.get("final_loss"))),
+        ("verification before", _accuracies(summary.get("verification_before"))),
+        ("verification after", _accuracies(summary.get("verification_after"))),
         ("workers", ", ".join(f"rank {w['rank']}@{w['hostname']}:{w['node_id'][:8]}" for w in summary.get("workers", []))),
         ("resumed from", summary.get("ray_resumed_from")),
         ("Ray result", summary.get("ray_result_path")),

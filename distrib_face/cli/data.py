@@ -79,8 +79,9 @@ def _pack(args: argparse.Namespace) -> int:
                       if_exists=args.if_exists, strict=args.strict, verify=not args.no_verify,
                       progress=not args.no_progress)
     except PackError as err:
-        log.error("%s", err)
-        return EXIT_FAILED
+        from distrib_face.cli import CommandError
+
+        raise CommandError(str(err)) from err
     m = result.manifest
     print(f"packed {m.num_samples} images of {m.num_classes} identities into {len(m.shards)} shards in {args.out}")
     if result.num_skipped or result.empty_identities:
@@ -105,21 +106,24 @@ def _synth(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from distrib_face.cli import CommandError
     from distrib_face.data.manifest import is_remote, read_manifest
-    from distrib_face.data.stats import format_histogram, plot_images_per_identity
+    from distrib_face.data.stats import format_histogram, plot_class_sizes
 
+    given = Path(args.shards)
+    if not is_remote(args.shards) and given.is_file() and given.suffix != ".json":
+        raise CommandError(f"{given}: a {given.suffix or 'plain'} file, not a shard folder or its manifest.json")
     try:
         m = read_manifest(args.shards)
     except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return EXIT_FAILED
+        raise CommandError(str(err)) from err
     print(format_histogram(m.class_counts))
     png = args.png
     if png is None:
         location = m.location or args.shards
         png = "images_per_identity.png" if is_remote(location) else str(Path(location).parent /
                                                                           "images_per_identity.png")
-    print(f"figure: {plot_images_per_identity(m.class_counts, png, title=str(args.shards))}")
+    print(f"figure: {plot_class_sizes(m.class_counts, png, title=str(args.shards))}")
     return 0
 
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -128,19 +127,22 @@ def _eval(args: argparse.Namespace) -> int:
     from distrib_face.eval.plots import plot_roc
     from distrib_face.eval.readers import load_any_pairs
 
+    from distrib_face.cli import CommandError, one_line
+
     if not args.pairs and not args.ijb:
-        print("distrib-face eval: give at least one --pairs or --ijb", file=sys.stderr)
-        return 2
+        raise CommandError("eval: give at least one --pairs or --ijb")
     try:
         model = load_model(args.model, device=args.device, num_threads=args.threads)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--model: {one_line(err)}") from err
+    try:
         pairsets = [load_any_pairs(p, images_dir=args.images) for p in args.pairs]
         protocol = read_ijb_protocol(args.ijb, args.ijb_target) if args.ijb else None
         class_counts, edges = load_class_counts(args.class_counts) if args.class_counts else (None, None)
         if class_counts is not None and not any(p.identities is not None for p in pairsets):
             raise ValueError(f"--class-counts {args.class_counts}: no --pairs set has per-image identity names")
     except (OSError, ValueError) as err:
-        print(f"distrib-face eval: {err}", file=sys.stderr)
-        return 2
+        raise CommandError(f"--pairs: {one_line(err)}" if args.pairs else one_line(err)) from err
     results, by_size = [], []
     for pairset in pairsets:
         logger.info("evaluating %s: %d pairs", pairset.name, pairset.num_pairs)
@@ -184,6 +186,8 @@ def _pack_pairs(args: argparse.Namespace) -> int:
     from distrib_face.data.pairset import save_pairset
     from distrib_face.eval.readers import read_bin, read_lfw_pairs
 
+    from distrib_face.cli import CommandError, one_line
+
     try:
         if args.bin:
             pairs = read_bin(args.bin, name=args.name)
@@ -191,8 +195,7 @@ def _pack_pairs(args: argparse.Namespace) -> int:
             images = Path(args.images) if args.images else Path(args.pairs).parent
             pairs = read_lfw_pairs(args.pairs, images, name=args.name)
     except (OSError, ValueError) as err:
-        print(f"distrib-face pack-pairs: {err}", file=sys.stderr)
-        return 2
+        raise CommandError(one_line(err)) from err
     path = save_pairset(args.output, pairs)
     folds = "none" if pairs.folds is None else str(len(set(pairs.folds.tolist())))
     print(
@@ -209,9 +212,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     from distrib_face.eval.metrics import roc_curve, tar_at_far, verification_metrics_from_scores
 
+    from distrib_face.cli import CommandError
+
     if not 0 < args.num_genuine < args.num_pairs:
-        print(f"distrib-face bench eval: need 0 < --num-genuine < --num-pairs, got {args.num_genuine}", file=sys.stderr)
-        return 2
+        raise CommandError(f"bench eval: need 0 < --num-genuine < --num-pairs, got {args.num_genuine}")
     rng = np.random.default_rng(0)
     issame = np.zeros(args.num_pairs, dtype=bool)
     issame[rng.choice(args.num_pairs, args.num_genuine, replace=False)] = True

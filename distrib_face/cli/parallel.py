@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.set_defaults(func=_bench_classifier)
 
     r = sub.add_parser("reshard", help="rewrite classifier shard files for another number of ranks")
-    r.add_argument("src", help="folder with classifier-RRRRR-of-WWWWW.pt files")
+    r.add_argument("src", help="folder with classifier-RRRRR-of-WWWWW.pt files, or a checkpoint folder (step_N/)")
     r.add_argument("dst", help="empty output folder")
     r.add_argument("--world-size", type=int, required=True, help="new number of ranks (1: one merged matrix)")
     r.set_defaults(func=_reshard)
@@ -47,8 +47,22 @@ def _bench_classifier(args: argparse.Namespace) -> int:
 
 
 def _reshard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrib_face.cli import CommandError
     from distrib_face.parallel.checkpoint import reshard
 
-    written = reshard(args.src, args.dst, args.world_size)
+    src = Path(args.src)
+    if not src.is_dir():
+        raise CommandError(f"{src}: not a folder of classifier shard files" + ("" if src.exists() else " (it does not exist)"))
+    if not any(src.glob("classifier-*-of-*.pt")):
+        if (src / "classifier").is_dir() and any((src / "classifier").glob("classifier-*-of-*.pt")):
+            src = src / "classifier"  # a training checkpoint (step_N/): its shards are in classifier/
+        else:
+            raise CommandError(f"{src}: no classifier shard files (classifier-RRRRR-of-WWWWW.pt) here or in "
+                               f"{src / 'classifier'}; give a checkpoint folder (step_N) or its classifier/ folder")
+    if args.world_size < 1:
+        raise CommandError(f"--world-size must be >= 1, got {args.world_size}")
+    written = reshard(src, args.dst, args.world_size)
     print(f"wrote {len(written)} shard file(s) to {args.dst}")
     return 0

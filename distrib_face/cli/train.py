@@ -2,7 +2,8 @@
 
 ``distrib-face train --config C [--set k=v ...]`` trains in this process (a world of 1), or as one rank
 under ``torchrun`` / the deepspeed launcher (the process group comes from the environment). Exit codes:
-0 finished (or stopped by ``train.max_steps_this_run`` with a checkpoint), 1 training failed, 2 bad config.
+0 finished (or stopped by ``train.max_steps_this_run`` with a checkpoint), 1 training failed, 2 bad config
+or a missing / wrong input (data, pair sets, backbone, resume folder), as one ``distrib-face: error:`` line.
 """
 
 from __future__ import annotations
@@ -42,19 +43,47 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from distrib_face.config import ConfigError, load_config
+    """The validated config (a ``ConfigError`` is reported by the entry point: one line, exit 2)."""
+    from distrib_face.config import load_config
 
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as err:
-        log.error("%s", err)
-        return None
+    return load_config(args.config, args.overrides)
+
+
+def check_inputs(cfg) -> None:  # noqa: ANN001 - a Config; typed lazily to keep --help fast
+    """Fail before any work when an input the config names is missing or of the wrong kind.
+
+    Checked: ``data.shards`` (a shard folder with ``manifest.json``, or the manifest; URLs are left to the
+    reader), ``train.eval_pairsets`` (files), ``train.init_backbone`` (a file or folder).
+
+    Raises:
+        CommandError: naming the field, the path and what to do.
+    """
+    from pathlib import Path
+
+    from distrib_face.cli import CommandError
+    from distrib_face.data.manifest import is_remote, manifest_location
+
+    if cfg.data.source == "shards" and cfg.data.shards and not is_remote(str(cfg.data.shards)):
+        location = Path(manifest_location(cfg.data.shards))
+        if not location.is_file():
+            where = Path(cfg.data.shards)
+            hint = f"make shards with `distrib-face pack SOURCE {where}` or `distrib-face synth {where}`"
+            if where.is_file() and where.suffix != ".json":
+                raise CommandError(f"data.shards {str(where)!r} is a {where.suffix or 'plain'} file, not a shard "
+                                   f"folder or its manifest.json")
+            raise CommandError(f"data.shards {str(where)!r}: no shard manifest at {location} ({hint})")
+    for i, pairs in enumerate(cfg.train.eval_pairsets):
+        if "://" not in pairs and not Path(pairs).exists():
+            raise CommandError(f"train.eval_pairsets[{i}] {pairs!r} does not exist (distrib-face pack-pairs writes one)")
+    if cfg.train.init_backbone and not Path(cfg.train.init_backbone).exists():
+        raise CommandError(f"train.init_backbone {cfg.train.init_backbone!r} does not exist")
 
 
 def _train(args: argparse.Namespace) -> int:
+    from distrib_face.cli import report_error
+
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_BAD_CONFIG
+    check_inputs(cfg)
     from distrib_face.parallel import init_distributed
     from distrib_face.train import NonFiniteLossError, run_training
 
@@ -62,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         summary = run_training(cfg, ctx, resume_from=args.resume)
     except NonFiniteLossError as err:
-        log.error("%s", err)
+        report_error(str(err))
         return EXIT_FAILED
     if ctx.is_main:
         _print_summary(summary)
@@ -93,8 +122,6 @@ def _print_summary(summary: dict) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_BAD_CONFIG
 
     from distrib_face.parallel import init_distributed
     from distrib_face.train.bench import bench_train

@@ -125,18 +125,18 @@ def load_model(path: str | os.PathLike, device: str = "cpu", num_threads: int = 
 
     Args:
         path: an ``.onnx`` file (ONNX Runtime, CPU provider); a backbone file written by
-            ``distrib_face.models.save_backbone``; or a checkpoint folder holding ``backbone.pt``.
+            ``distrib_face.models.save_backbone``; a checkpoint folder holding ``backbone.pt``; or a
+            checkpoints folder (or training output folder) whose ``latest`` file names such a checkpoint.
         device: torch device for a backbone (ONNX always runs on the CPU provider here).
         num_threads: ONNX Runtime intra-op threads (0: its default).
 
     Raises:
-        FileNotFoundError: nothing at ``path`` (or no ``backbone.pt`` in the folder).
+        FileNotFoundError: nothing at ``path``, or a folder without a backbone (the message says what was tried).
+        ValueError: a file that is neither ONNX nor a backbone file (``BackboneFileError``).
     """
     path = Path(path)
     if path.is_dir():
-        if not (path / "backbone.pt").is_file():
-            raise FileNotFoundError(f"{path}: checkpoint folder has no backbone.pt")
-        path = path / "backbone.pt"
+        path = _backbone_in_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     if path.suffix == ".onnx":
@@ -145,6 +145,23 @@ def load_model(path: str | os.PathLike, device: str = "cpu", num_threads: int = 
 
     module = load_backbone(path, map_location=device)
     return TorchEmbedder(module, device=device)
+
+
+def _backbone_in_folder(folder: Path) -> Path:
+    """``backbone.pt`` of a checkpoint folder, of ``<folder>/latest``'s checkpoint, or of ``checkpoints/latest``."""
+    if (folder / "backbone.pt").is_file():
+        return folder / "backbone.pt"
+    for root in (folder, folder / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            target = root / latest.read_text().strip()
+            if (target / "backbone.pt").is_file():
+                return target / "backbone.pt"
+            raise FileNotFoundError(f"{latest} names {target}, which holds no backbone.pt")
+    raise FileNotFoundError(
+        f"{folder}: a folder given as a model must hold backbone.pt (a checkpoint) or a 'latest' pointer to one "
+        "(a checkpoints folder)"
+    )
 
 
 def as_embedder(model: Any, device: "str | torch.device | None" = None) -> OnnxEmbedder | TorchEmbedder | Embedder:

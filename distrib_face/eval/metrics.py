@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_FAR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 NORM_PERCENTILES: tuple[int, ...] = (1, 5, 25, 50, 75, 95, 99)
 
+# Notes already logged at INFO by this process: a trainer verifying every N steps would otherwise repeat the
+# same "TAR@FAR not measurable" line at each evaluation. Later copies go to DEBUG; results keep their notes.
+_logged_notes: set[str] = set()
+
+
+def _log_note_once(message: str) -> None:
+    if message in _logged_notes:
+        logger.debug("%s", message)
+        return
+    _logged_notes.add(message)
+    logger.info("%s", message)
+
 
 @dataclass
 class RocCurve:
@@ -335,7 +347,7 @@ def verification_metrics_from_scores(
     roc = roc_curve(scores, issame)
     tars, notes = tar_at_far(scores, issame, far_targets)
     for note in notes:
-        logger.info("%s%s", f"{name}: " if name else "", note)
+        _log_note_once(f"{name}: {note}" if name else note)
     eer, eer_threshold = equal_error_rate(roc)
     return VerificationResult(
         accuracy=float(np.mean(fold_acc)),

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,11 @@ def load_any_pairs(path: str | os.PathLike, images_dir: str | os.PathLike | None
     - a ``.bin`` file: :func:`read_bin`;
     - a ``.txt`` file: :func:`read_lfw_pairs` with ``images_dir`` (default: the file's folder);
     - a folder: its ``pairs.txt``, images in that folder (or in ``images_dir``);
-    - anything else: a pair-set file (:func:`~distrib_face.data.pairset.load_pairset`).
+    - a pair-set file (:func:`~distrib_face.data.pairset.load_pairset`, a ``.npz``).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder without ``pairs.txt``.
+        ValueError: a file of another kind (the message names the kinds accepted), or a broken one.
     """
     path = Path(path)
     if path.is_dir():
@@ -196,4 +201,11 @@ def load_any_pairs(path: str | os.PathLike, images_dir: str | os.PathLike | None
     if path.suffix == ".txt":
         folder = Path(images_dir) if images_dir else path.parent
         return read_lfw_pairs(path, folder, name=folder.name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such pair-set file")
+    if not zipfile.is_zipfile(path):  # a .npz is a zip archive; anything else would reach numpy's unpickler
+        raise ValueError(
+            f"{path}: not a pair set (not a .npz archive): give a pair-set .npz (distrib-face pack-pairs), an "
+            "insightface .bin, a pairs.txt or a folder holding pairs.txt"
+        )
     return load_pairset(path)

@@ -13,6 +13,7 @@ One ``torch.save`` file holding only plain types and tensors, so it loads with
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -101,10 +102,15 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; the unpickler's complaint would be jargon
+        raise BackboneFileError(
+            f"{path}: not a backbone file (save_backbone writes a torch zip archive; an exported model is an .onnx)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types on foreign files
-        raise BackboneFileError(f"{path}: not a backbone file written by save_backbone ({exc})") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneFileError(f"{path}: not a backbone file written by save_backbone ({first_line})") from exc
     if not isinstance(payload, dict) or not {"name", "kwargs", "state_dict"} <= set(payload):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise BackboneFileError(f"{path}: expected keys name, kwargs, state_dict; found {found}")

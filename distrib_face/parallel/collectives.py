@@ -174,6 +174,30 @@ def all_reduce_tensor(tensor: Tensor, op: str = "sum", group: dist.ProcessGroup 
     return out
 
 
+def broadcast_tensors_(tensors: list[Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, in place (no autograd).
+
+    Every rank passes tensors of the same shapes and dtypes in the same order. One broadcast per dtype:
+    the tensors of a dtype are flattened into one buffer, sent, and copied back.
+    """
+    if world_size_of(group) == 1 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    # the group's rank numbering: ``src`` is a rank of ``group``, broadcast wants the global rank
+    global_src = dist.get_global_rank(group, src) if group is not None else src
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        members = by_dtype[dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in members])
+        dist.broadcast(flat, src=global_src, group=group)
+        offset = 0
+        with torch.no_grad():
+            for tensor in members:
+                tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
+
+
 def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
     """Send a small picklable object from rank ``src`` to every rank (our own ranks only, never untrusted)."""
     if world_size_of(group) == 1:

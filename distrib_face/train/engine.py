@@ -25,6 +25,36 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+class _KnownNoticeFilter(logging.Filter):
+    """Drops DeepSpeed's "You are using ZeRO with an untested optimizer" warning.
+
+    The config opts in on purpose (``zero_allow_untested_optimizer``): DeepSpeed calls every optimizer but its
+    own untested, and torch SGD / AdamW under ZeRO 1-2 are what the training tests run. Repeated on every rank
+    at every engine build, the notice said nothing a user could act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+def quiet_known_notices() -> None:
+    """Silence the two notices every ZeRO run printed and nobody can act on (idempotent).
+
+    - DeepSpeed's untested-optimizer warning (see :class:`_KnownNoticeFilter`);
+    - torch 2.13's ``FutureWarning`` that ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are deprecated:
+      DeepSpeed 0.19.8's ZeRO step calls them (``deepspeed/comm/torch.py``); our own collectives already use
+      the ``*_single`` names (``distrib_face/parallel/collectives.py``).
+    """
+    import warnings
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _KnownNoticeFilter) for f in ds_logger.filters):
+        ds_logger.addFilter(_KnownNoticeFilter())
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated", category=FutureWarning)
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config the engine is built from (saved beside the run and logged to MLflow)."""
     ds = cfg.deepspeed
@@ -111,6 +141,7 @@ def build_engine(cfg: Config, backbone: nn.Module, lr: float, device: torch.devi
     """
     import deepspeed
 
+    quiet_known_notices()
     # The shared-memory comm op is never used by training and JIT-compiles for ~45 s on first init.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():

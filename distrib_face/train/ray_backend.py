@@ -297,10 +297,18 @@ def _write_run_info(experiment_path: str, info: Mapping[str, Any]) -> None:
 
 
 def _open_mlflow_run(cfg: "Config", experiment_path: str) -> tuple["Config", Any]:
-    """Create or reuse the MLflow run on the driver; returns the config carrying its id, and the tracker."""
+    """Create or reuse the MLflow run on the driver; returns the config carrying its id, and the tracker.
+
+    A new run is named after what runs (``tracking.run_name``, else ``<backbone>-<margin>-<data set>-<date>``)
+    and tagged with the Ray job: submission id and entrypoint (from the environment Ray's job supervisor
+    gives the driver), the Ray job id, the Ray run name and storage path.
+    """
     if not cfg.tracking.enabled:
         return cfg, None
-    from distrib_face.tracking import create_tracker
+    import ray
+
+    from distrib_face.tracking import create_tracker, run_name_for
+    from distrib_face.tracking.environment import ray_job_tags
 
     run_id = cfg.tracking.run_id or _read_run_info(experiment_path).get("mlflow_run_id")
     tracker = create_tracker(
@@ -308,13 +316,39 @@ def _open_mlflow_run(cfg: "Config", experiment_path: str) -> tuple["Config", Any
         tracking_uri=cfg.tracking.tracking_uri,
         experiment=cfg.tracking.experiment,
         run_id=run_id,
-        run_name=cfg.tracking.run_name,
+        run_name=None if run_id else run_name_for(cfg, _driver_manifest(cfg)),
         artifact_location=cfg.tracking.artifact_location,
     )
-    tracker.set_tags({"launcher": "ray", "ray.run_name": run_name(cfg), "ray.storage_path": cfg.ray.storage_path})
+    tags = {"launcher": "ray", "ray.run_name": run_name(cfg), "ray.storage_path": cfg.ray.storage_path,
+            **ray_job_tags()}
+    if ray.is_initialized():
+        tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    tracker.set_tags(tags)
     _write_run_info(experiment_path, {"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.tracking_uri})
     logger.info("MLflow run %s (%s)", tracker.run_id, "continued" if run_id else "new")
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=tracker.run_id)), tracker
+
+
+def _driver_manifest(cfg: "Config") -> Any:
+    """The training shards' manifest for the run name, or None (random data, or not readable from the driver)."""
+    if cfg.data.source != "shards" or not cfg.data.shards:
+        return None
+    from distrib_face.data.manifest import read_manifest
+
+    try:
+        return read_manifest(cfg.data.shards)
+    except (OSError, ValueError) as err:
+        logger.info("run name without the manifest (%s): %s", cfg.data.shards, err)
+        return None
+
+
+def job_status(result: Any) -> str:
+    """The MLflow status of a Ray job that returned ``result``: ``FINISHED``, or ``SCHEDULED`` when rank 0's
+    summary says training stopped before its last step (``train.max_steps_this_run``)."""
+    from distrib_face.tracking import STOPPED_EARLY_STATUS
+
+    summary = getattr(result, "return_value", None) or {}
+    return "FINISHED" if summary.get("finished", True) else STOPPED_EARLY_STATUS
 
 
 def launch_ray_training(
@@ -339,7 +373,8 @@ def launch_ray_training(
 
     Raises:
         ray.train.TrainingFailedError: the job failed more than ``cfg.ray.max_failures`` times (the MLflow
-            run is marked FAILED).
+            run is marked FAILED). A job that ends before its last step (``train.max_steps_this_run``)
+            leaves the run SCHEDULED (to be continued), a finished one FINISHED.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -373,7 +408,10 @@ def launch_ray_training(
     status = "FAILED"
     try:
         result = trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
-        status = "FINISHED"
+        status = job_status(result)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if tracker is not None:
             tracker.end(status=status)

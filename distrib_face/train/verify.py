@@ -3,13 +3,21 @@
 Each rank embeds a contiguous slice of every pair set's pairs (flip test-time augmentation), the
 embeddings are gathered in rank order with one ``all_gather_variable`` per set, and every rank computes
 the same metrics from the whole set (cheap next to the embedding), so no rank waits on another's result.
+
+The numbers equal ``distrib-face eval`` on the saved backbone at any world size. The one thing ranks do
+not share is the backbone's buffers: BatchNorm's running mean and variance are updated by each rank from
+its own micro-batches, and nothing averages them (DeepSpeed broadcasts rank 0's module only at start-up).
+In eval mode those statistics *are* the model, and the backbone that is saved is rank 0's; so for the
+duration of :func:`verify` every rank evaluates with rank 0's buffers (one broadcast per dtype) and gets
+its own back afterwards, leaving training untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +43,28 @@ def pair_range(num_pairs: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+@contextlib.contextmanager
+def rank0_buffers(module: torch.nn.Module, ctx: Any) -> Iterator[None]:
+    """Give ``module`` rank 0's buffers (BatchNorm running statistics) inside the block, its own after it.
+
+    Collective: every rank enters it. Parameters are left alone (data parallelism keeps them identical).
+    """
+    from distrib_face.parallel.collectives import broadcast_tensors_
+
+    buffers = [b for b in module.buffers()]
+    if ctx.world_size == 1 or not buffers:
+        yield
+        return
+    own = [b.detach().clone() for b in buffers]
+    broadcast_tensors_(buffers, 0, ctx.group)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, own):
+                buffer.copy_(value)
+
+
 def verify(
     module: torch.nn.Module,
     pairsets: Sequence[PairSet],
@@ -55,27 +85,34 @@ def verify(
         batch_size: images per forward pass.
 
     Returns:
-        ``{set name: VerificationResult}``, identical on every rank.
+        ``{set name: VerificationResult}``, identical on every rank, and equal to
+        ``distrib_face.eval.evaluate_pairset`` on rank 0's module (the saved backbone) in one process.
     """
+    results = {}
+    with rank0_buffers(module, ctx):
+        for pairs in pairsets:
+            results[pairs.name] = _verify_one(module, pairs, ctx, embedding_size, image_size, batch_size)
+    return results
+
+
+def _verify_one(
+    module: torch.nn.Module, pairs: PairSet, ctx: Any, embedding_size: int, image_size: int, batch_size: int
+) -> Any:
+    """One pair set: this rank's slice embedded, every slice gathered in rank order, the metrics of all."""
     from distrib_face.eval import embed_images, verification_metrics
     from distrib_face.parallel.collectives import all_gather_variable
 
-    results = {}
-    for pairs in pairsets:
-        start, stop = pair_range(pairs.num_pairs, ctx.rank, ctx.world_size)
-        images = pairs.images[2 * start:2 * stop]
-        if images:
-            local = embed_images(module, images, batch_size=batch_size, device=ctx.device, flip=True,
-                                 image_size=(image_size, image_size))
-        else:
-            local = np.zeros((0, embedding_size), np.float32)
-        everyone = all_gather_variable(torch.from_numpy(local).to(ctx.device), ctx.group).cpu().numpy()
-        if everyone.shape[0] != 2 * pairs.num_pairs:
-            raise RuntimeError(f"pair set {pairs.name!r}: gathered {everyone.shape[0]} embeddings for {pairs.num_pairs} pairs")
-        results[pairs.name] = verification_metrics(
-            everyone[0::2], everyone[1::2], pairs.issame, folds=pairs.folds, name=pairs.name
-        )
-    return results
+    start, stop = pair_range(pairs.num_pairs, ctx.rank, ctx.world_size)
+    images = pairs.images[2 * start:2 * stop]
+    if images:
+        local = embed_images(module, images, batch_size=batch_size, device=ctx.device, flip=True,
+                             image_size=(image_size, image_size))  # [2 * (stop - start), D]
+    else:
+        local = np.zeros((0, embedding_size), np.float32)
+    everyone = all_gather_variable(torch.from_numpy(local).to(ctx.device), ctx.group).cpu().numpy()  # [2 * N, D]
+    if everyone.shape[0] != 2 * pairs.num_pairs:
+        raise RuntimeError(f"pair set {pairs.name!r}: gathered {everyone.shape[0]} embeddings for {pairs.num_pairs} pairs")
+    return verification_metrics(everyone[0::2], everyone[1::2], pairs.issame, folds=pairs.folds, name=pairs.name)
 
 
 def summarize(results: dict[str, Any], prefix: str = "verify") -> dict[str, float]:

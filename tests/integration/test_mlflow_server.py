@@ -145,3 +145,32 @@ def test_run_logged_resumed_and_read_over_rest(server, tmp_path, caplog):
         for uri in (model_uri, "models:/server-face/1"):
             predicted = mlflow.pyfunc.load_model(uri).predict(images.numpy())["embedding"]
             np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_downloaded_from_the_server_is_one_file_with_the_final_metrics(server, tmp_path):
+    import mlflow
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+
+    url = server["url"]
+    tracker = create_tracker(True, url, "server-model")
+    for step, accuracy in ((0, 0.55), (40, 0.97)):
+        tracker.log_metrics({"verify/holdout/accuracy": accuracy}, step=step)
+    model = export_tiny_onnx(tmp_path / "model.onnx")
+    model_uri = tracker.log_onnx_model(tmp_path / "model.onnx", "model", step=40)
+    tracker.end()
+
+    client = MlflowClient(url)
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert [(m.key, m.step, m.value) for m in logged.metrics] == [("verify/holdout/accuracy", 40, 0.97)]
+    assert logged.artifact_location.startswith("mlflow-artifacts:/")  # served through the server's proxy
+    names = sorted(a.path for a in client.list_logged_model_artifacts(logged.model_id))
+    assert "model.onnx" in names and not [n for n in names if n.endswith(".data")], names
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/model.onnx",
+                                                    dst_path=str(tmp_path / "download"), tracking_uri=url))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    images = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

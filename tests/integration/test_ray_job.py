@@ -252,3 +252,13 @@ def test_ray_job_submit_trains_and_reports_checkpoint(tmp_path):
     checkpoints = sorted(p for p in checkpoint.parent.glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2  # step 2 and the final step 4
     assert json.loads((checkpoints[0] / "trainer.json").read_text())["step"] == 2
+
+    # The MLflow run says what ran and which Ray job ran it, and a fresh job is not a resume.
+    from mlflow import MlflowClient
+
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("iresnet_tiny-arcface-synthetic-"), run.info.run_name
+    tags = run.data.tags
+    assert tags["ray.job_submission_id"] == submission_id and tags["ray.job_id"]
+    assert "launch/ray_job.py --config" in tags["ray.entrypoint"] and "resumed_at" not in tags
