@@ -320,6 +320,9 @@ class TrainConfig:
     """Images per forward pass during verification."""
     eval_at_start: bool = True
     """Also verify the untrained (or initial) backbone, for a before / after comparison."""
+    eval_class_size_edges: list[int] = field(default_factory=lambda: [10, 100])
+    """Pair sets whose images name training identities are also verified per class-size bucket: tail (fewer
+    than the first edge training images), torso, head (at least the second edge)."""
     log_every: int = 10
     """Log a progress line (and MLflow metrics) every this many optimiser steps."""
     max_bad_steps: int = 5
@@ -342,6 +345,9 @@ class TrainConfig:
             _check_positive("train.epochs", self.epochs)
         for name in ("checkpoint_every", "keep_checkpoints", "eval_every"):
             _check_non_negative(f"train.{name}", getattr(self, name))
+        edges = list(self.eval_class_size_edges)
+        if len(edges) != 2 or not 1 <= edges[0] < edges[1]:
+            _fail("train.eval_class_size_edges", "must be two increasing counts >= 1", edges)
         for name in ("eval_batch_size", "log_every", "max_bad_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         if self.max_steps_this_run is not None:

@@ -141,6 +141,6 @@ def _bench(args: argparse.Namespace) -> int:
               f"(sample rate {cfg.loss.sample_rate}), data {cfg.data.source}/{cfg.data.decoder}")
         print(f"{'mode':<10} {'global batch':>12} {'ms/step':>9} {'img/s':>9} {'peak MB':>9}  memory")
         for r in results:
-            print(f"{r['mode']:<10} {r['global_batch']:>12} {r['median_step_ms']:>9.1f} {r['img_s']:>9.1f} "
+            print(f"{r['mode']:<10} {r['global_batch']:>12} {r['median_step_ms']:>9.1f} {r['images_per_sec']:>9.1f} "
                   f"{r['peak_memory_mb']:>9.0f}  {r['peak_memory_kind']}")
     return 0

@@ -65,6 +65,8 @@ class VerificationResult:
         norm_stats: statistics of the raw embedding norms (see :func:`feature_norm_stats`), when known.
         notes: human-readable caveats (e.g. a FAR the set is too small to measure).
         name: the pair set's name.
+        class_sizes: the split by the identities' training-image counts
+            (:class:`~distrib_face.eval.buckets.ClassSizeResult`) when those counts are known, else None.
     """
 
     accuracy: float
@@ -83,6 +85,7 @@ class VerificationResult:
     norm_stats: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
     name: str = ""
+    class_sizes: Any = None
 
     @property
     def fpr(self) -> np.ndarray:
@@ -112,6 +115,7 @@ class VerificationResult:
             "num_impostor": self.num_impostor,
             "norm_stats": self.norm_stats,
             "notes": list(self.notes),
+            "class_sizes": self.class_sizes.to_dict() if self.class_sizes is not None else None,
         }
 
 

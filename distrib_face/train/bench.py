@@ -46,8 +46,8 @@ def bench_train(cfg: Config, ctx: ProcessContext, *, steps: int = 20, warmup: in
     """Time ``steps`` optimiser steps after ``warmup`` untimed ones (collective: every rank calls it).
 
     Returns:
-        ``{"mode", "steps", "global_batch", "median_step_ms", "img_s", "peak_memory_mb", "peak_memory_kind"}``;
-        ``img_s`` counts the images of all ranks per second of the median step.
+        ``{"mode", "steps", "global_batch", "median_step_ms", "images_per_sec", "peak_memory_mb", "peak_memory_kind"}``;
+        ``images_per_sec`` counts the images of all ranks per second of the median step.
     """
     seed_everything(cfg.train.seed, deterministic=False)
     parts = build_components(cfg, ctx, tracking=False)
@@ -88,7 +88,7 @@ def bench_train(cfg: Config, ctx: ProcessContext, *, steps: int = 20, warmup: in
         "steps": steps,
         "global_batch": global_batch,
         "median_step_ms": median * 1000,
-        "img_s": global_batch / median,
+        "images_per_sec": global_batch / median,
         "peak_memory_mb": _peak_memory_mb(ctx.device),
         "peak_memory_kind": "cuda max allocated" if ctx.device.type == "cuda" else "process peak RSS",
     }

@@ -33,7 +33,7 @@ from distrib_face.dtypes import parse_dtype
 from distrib_face.parallel import ProcessContext, ShardedMarginClassifier
 from distrib_face.parallel.auxiliary import AuxiliaryLosses, build_auxiliary_losses
 from distrib_face.parallel.optim import ShardOptimizer
-from distrib_face.tracking import Tracker, create_tracker
+from distrib_face.tracking import Tracker, create_tracker, run_name_for
 from distrib_face.train.data import TrainData, build_train_data, epochs_to_steps
 from distrib_face.train.engine import build_backbone, build_engine
 from distrib_face.train.schedule import LRSchedule, peak_learning_rates
@@ -163,6 +163,7 @@ def build_components(
     init_backbone: bool = True,
     tracking: bool = True,
     run_id: str | None = None,
+    resumed: bool = False,
 ) -> Components:
     """Build every part one rank trains with (collective: every rank calls it; DeepSpeed broadcasts weights).
 
@@ -172,6 +173,7 @@ def build_components(
         init_backbone: apply ``train.init_backbone`` (fine-tuning); a resumed run passes False.
         tracking: open the MLflow run on rank 0 (``cfg.tracking``); False gives a no-op tracker (benchmarks).
         run_id: continue this MLflow run (a resumed checkpoint's), else ``tracking.run_id`` or a new run.
+        resumed: this job continues a checkpoint (the tracker records what changed, see ``record_resume``).
     """
     data = build_train_data(cfg, ctx.rank, ctx.world_size, ctx.device)
     batches_per_epoch = len(data.loader)
@@ -199,8 +201,9 @@ def build_components(
     tcfg = cfg.tracking
     tracker = create_tracker(
         enabled=tracking and tcfg.enabled and ctx.is_main, tracking_uri=tcfg.tracking_uri,
-        experiment=tcfg.experiment, run_id=run_id or tcfg.run_id, run_name=tcfg.run_name,
+        experiment=tcfg.experiment, run_id=run_id or tcfg.run_id, run_name=run_name_for(cfg, data.manifest),
         artifact_location=tcfg.artifact_location or str((Path(cfg.train.output_dir) / "mlartifacts").resolve()),
+        resumed=resumed if (run_id or tcfg.run_id) else None,
     )
     return Components(
         data=data, engine=bundle.engine, backbone_optimizer=bundle.optimizer, ds_config=bundle.ds_config,

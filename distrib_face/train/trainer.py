@@ -35,6 +35,7 @@ from distrib_face.config import Config
 from distrib_face.parallel import ProcessContext
 from distrib_face.parallel.collectives import broadcast_object
 from distrib_face.parallel.metrics import MetricAggregator
+from distrib_face.tracking import STOPPED_EARLY_STATUS
 from distrib_face.train.checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -95,6 +96,13 @@ class Verifier:
     def __init__(self, cfg: Config, ctx: ProcessContext, parts: Components) -> None:
         self.cfg, self.ctx, self.parts = cfg, ctx, parts
         self.pairsets = load_pairsets(cfg.train.eval_pairsets) if cfg.train.eval_pairsets else []
+        # Training-image counts by identity name, for the sets whose images name training identities.
+        manifest = parts.data.manifest
+        self.class_counts = None
+        if manifest is not None and any(p.identities is not None for p in self.pairsets):
+            names = {label: name for name, label in manifest.label_map.items()}
+            self.class_counts = {names.get(label, str(label)): int(count)
+                                 for label, count in enumerate(manifest.class_counts)}
 
     def should_eval(self, step: int) -> bool:
         """Whether to verify after ``step`` during training (the final verification is :meth:`run` in finish)."""
@@ -103,8 +111,10 @@ class Verifier:
 
     def run(self) -> dict[str, Any]:
         """``{set name: VerificationResult}`` of the backbone as it is now (collective)."""
+        tcfg = self.cfg.train
         return verify(self.parts.engine.module, self.pairsets, self.ctx, embedding_size=self.cfg.model.embedding_size,
-                      image_size=self.cfg.data.image_size, batch_size=self.cfg.train.eval_batch_size)
+                      image_size=self.cfg.data.image_size, batch_size=tcfg.eval_batch_size,
+                      class_counts=self.class_counts, class_size_edges=tcfg.eval_class_size_edges)
 
 
 class Checkpointer:
@@ -168,7 +178,8 @@ class Trainer:
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.resume_path = resolve_resume(cfg, resume_from)
         saved_run_id = read_trainer_state(self.resume_path)[0].run_id if self.resume_path is not None else None
-        self.parts = build_components(cfg, ctx, init_backbone=self.resume_path is None, run_id=saved_run_id)
+        self.parts = build_components(cfg, ctx, init_backbone=self.resume_path is None, run_id=saved_run_id,
+                                      resumed=self.resume_path is not None)
         self.state = self._restore()
         self.state.run_id = broadcast_object(self.parts.tracker.run_id, 0, ctx.group)
         self.start_step = self.state.step
@@ -182,10 +193,10 @@ class Trainer:
         self.progress = Progress(self.parts.total_steps, self.start_step, enabled=ctx.is_main)
         self.window = MetricAggregator(group=ctx.group, device=ctx.device)
         self.global_micro_batch = cfg.data.batch_size * ctx.world_size
-        self.run_images = 0
         self._data_iter = iter(self.parts.data.loader)
-        self._run_start = self._window_start = time.perf_counter()
-        self._window_images = 0
+        # Throughput counts training-step time only (not logging, verification or checkpoints).
+        self.run_images, self.run_seconds = 0, 0.0
+        self._window_images, self._window_seconds = 0, 0.0
         self.last_loss = float("nan")
         self.verification_before: dict[str, float] = {}
 
@@ -213,8 +224,9 @@ class Trainer:
             return
         parts, cfg, tracker = self.parts, self.cfg, self.parts.tracker
         ds_config_path = save_ds_config(self.output_dir / "deepspeed_config.json", parts.ds_config)
-        if self.start_step > 0:
-            tracker.set_tags({f"resumed_at_step_{self.start_step}": f"world_size={self.ctx.world_size}"})
+        if self.resume_path is not None:
+            tracker.record_resume(cfg.to_dict(), step=self.start_step, world_size=self.ctx.world_size,
+                                  checkpoint=self.resume_path)
             return
         tracker.log_params(cfg.to_dict())
         tracker.set_tags({
@@ -225,6 +237,7 @@ class Trainer:
         if parts.data.manifest is not None:
             from distrib_face.tracking.plots import plot_class_histogram
 
+            tracker.log_training_data(parts.data.manifest)
             plot = plot_class_histogram(parts.data.manifest.class_counts, self.output_dir / "class_sizes.png")
             tracker.log_artifact(plot, subdir="plots")
 
@@ -239,6 +252,7 @@ class Trainer:
             NonFiniteLossError: ``train.max_bad_steps`` non-finite losses in a row.
         """
         status = "FAILED"
+        finished = False
         try:
             self._begin_tracking()
             if self.verifier.pairsets and self.start_step == 0 and self.cfg.train.eval_at_start:
@@ -247,23 +261,19 @@ class Trainer:
                 self.verification_before = dict(self.state.eval_history[0][1])
             self.parts.engine.train()
             self.parts.classifier.train()
-            self._run_start = time.perf_counter()
-            self._restart_window()
             while self.state.step < self.stop_at:
                 metrics = self.train_step()
                 self.progress.step(self.state.step, metrics)
-                verified = self.verifier.should_eval(self.state.step)
-                if verified:
+                if self.verifier.should_eval(self.state.step):
                     self._verify("during training")
                 saved = self.checkpointer.maybe_save(self.state, self.stop_at)
                 if saved is not None:
                     self.faults.maybe_exit(self.state.step)
                     if self.reporter is not None and self.state.step < self.stop_at:
                         self.reporter.report({"step": self.state.step, "loss": self.last_loss}, str(saved))
-                if metrics is not None or verified or saved is not None:
-                    self._restart_window()  # logging, verifying and checkpointing are not training time
             summary = self.finish()
-            status = "FINISHED"
+            finished = summary["finished"]
+            status = "FINISHED" if finished else STOPPED_EARLY_STATUS
             return summary
         except KeyboardInterrupt:
             status = "KILLED"
@@ -279,23 +289,29 @@ class Trainer:
         ``train.max_bad_steps`` in a row the run aborts with :class:`NonFiniteLossError`.
         """
         cfg, state, parts = self.cfg, self.state, self.parts
+        start = time.perf_counter()
         set_learning_rates(parts.optimizers, parts.peaks, parts.schedule.factor(state.step))
-        log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == parts.total_steps
+        # Every rank logs at the same steps (the window is a collective), and always at the last step of this
+        # run, so the summary's final_loss is the last logged loss.
+        log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 in (parts.total_steps, self.stop_at)
         step_loss = sum(self._good_micro_batch() for _ in range(cfg.optim.grad_accum)) / cfg.optim.grad_accum
         grad_norm = self.runner.finish_step(want_grad_norm=log_now)
         state.step += 1
         self.last_loss = step_loss
         self.window.update({"loss": step_loss})
+        seconds = time.perf_counter() - start
+        self.run_seconds += seconds
+        self._window_seconds += seconds
         if not log_now:
             return None
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        metrics = self.window.compute(state.step)  # collective: every rank logs at the same steps
+        metrics = self.window.compute(state.step)
         metrics.update({
             "lr": parts.backbone_optimizer.param_groups[0]["lr"],
             "lr_classifier": parts.shard_optimizer.param_groups[0]["lr"],
-            "img_s": self._window_images / elapsed,
+            "images_per_sec": self._window_images / max(self._window_seconds, 1e-9),
             "epoch": state.epoch,
         })
+        self._window_images, self._window_seconds = 0, 0.0
         if grad_norm is not None and math.isfinite(grad_norm):
             metrics["grad_norm"] = grad_norm
         parts.tracker.log_metrics(metrics, step=state.step)
@@ -340,9 +356,6 @@ class Trainer:
                 self._data_iter = iter(loader)
         raise RuntimeError(f"the loader yielded no batch for epoch {self.state.epoch} on rank {self.ctx.rank}")
 
-    def _restart_window(self) -> None:
-        self._window_start, self._window_images = time.perf_counter(), 0
-
     def _verify(self, when: str) -> dict[str, float]:
         """Verify now (collective), log it, remember it; returns ``{set: accuracy}``."""
         self._last_results = self.verifier.run()
@@ -364,7 +377,6 @@ class Trainer:
             ``onnx``, ``output_dir``, ``mlflow_run_id``, ``resumed_from`` and ``world_size``.
         """
         state, parts, ctx = self.state, self.parts, self.ctx
-        run_seconds = time.perf_counter() - self._run_start
         finished = state.step >= parts.total_steps
         last_checkpoint = self.checkpointer.last
         if last_checkpoint is None and self.resume_path is not None and state.step == self.start_step:
@@ -383,11 +395,13 @@ class Trainer:
             self._log_final_plots(verification_after)
             if self.cfg.train.export_onnx and backbone_path is not None:
                 onnx_path = self._export_onnx(backbone_path)
-        images_per_sec = self.run_images / run_seconds if run_seconds > 0 else float("nan")
+        images_per_sec = self.run_images / self.run_seconds if self.run_seconds > 0 else float("nan")
+        # The last logged loss (the mean over its log window): the number the MLflow curve ends on.
+        final_loss = state.loss_history[-1][1] if state.loss_history else float("nan")
         summary = {
             "steps": state.step, "total_steps": parts.total_steps, "finished": finished,
             "steps_this_run": state.step - self.start_step, "images_per_sec": images_per_sec,
-            "final_loss": self.last_loss, "verification_before": self.verification_before,
+            "final_loss": final_loss, "verification_before": self.verification_before,
             "verification_after": verification_after, "skipped_steps": state.skipped_steps,
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
             "backbone": str(backbone_path) if backbone_path else None, "onnx": str(onnx_path) if onnx_path else None,
@@ -395,23 +409,26 @@ class Trainer:
             "resumed_from": str(self.resume_path) if self.resume_path else None, "world_size": ctx.world_size,
         }
         if ctx.is_main:
-            parts.tracker.log_metrics({"images_per_sec_run": images_per_sec, "final_loss": self.last_loss},
-                                      step=state.step)
             parts.tracker.log_dict(_json_safe(summary), "summary.json")
         if self.reporter is not None:
-            report = {"step": state.step, "loss": self.last_loss, "images_per_sec": images_per_sec, "finished": finished}
+            report = {"step": state.step, "loss": final_loss, "images_per_sec": images_per_sec, "finished": finished}
             report.update({f"verify/{n}": a for n, a in verification_after.items()})
             self.reporter.report(report, str(last_checkpoint) if last_checkpoint else None)
         return summary
 
     def _log_final_plots(self, verification_after: dict[str, float]) -> None:
-        from distrib_face.tracking.plots import plot_loss_curve
+        """The training figure (loss, learning rates, verification over steps) and the ROC curves."""
+        from distrib_face.tracking.plots import plot_training_curves
 
-        tracker = self.parts.tracker
-        if self.state.loss_history:
-            curve = plot_loss_curve({"loss": [tuple(p) for p in self.state.loss_history]},
-                                    self.output_dir / "loss_curve.png")
-            tracker.log_artifact(curve, subdir="plots")
+        parts, history = self.parts, self.state.loss_history
+        tracker = parts.tracker
+        if history:
+            # The rate logged at step s is the one step s ran with: peak x factor(s - 1).
+            lr_history = {name: [(s, peak * parts.schedule.factor(int(s) - 1)) for s, _ in history]
+                          for name, peak in zip(("backbone", "classifier"), parts.peaks)}
+            figure = plot_training_curves(history, self.output_dir / "training.png", lr_history=lr_history,
+                                          eval_history=self.state.eval_history)
+            tracker.log_artifact(figure, subdir="plots")
         if verification_after:
             from distrib_face.eval import plot_roc
 
@@ -427,7 +444,8 @@ class Trainer:
         model = load_backbone(backbone_path, map_location="cpu")
         export_onnx(model, onnx_path, input_size=cfg.data.image_size,
                     metadata={"backbone": cfg.model.backbone, "embedding_size": str(cfg.model.embedding_size)})
-        self.parts.tracker.log_onnx_model(onnx_path, name="model", register_as=cfg.tracking.register_model)
+        self.parts.tracker.log_onnx_model(onnx_path, name="model", register_as=cfg.tracking.register_model,
+                                          step=self.state.step)
         return onnx_path
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from distrib_face.data.pairset import PairSet, load_pairset
+from distrib_face.parallel import ProcessContext
+from distrib_face.parallel.shard import even_split
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +38,8 @@ def load_pairsets(paths: Sequence[str | os.PathLike]) -> list[PairSet]:
     return sets
 
 
-def pair_range(num_pairs: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous ``[start, stop)`` of pairs rank ``rank`` embeds (sizes differ by at most one)."""
-    base, extra = divmod(num_pairs, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
 @contextlib.contextmanager
-def rank0_buffers(module: torch.nn.Module, ctx: Any) -> Iterator[None]:
+def rank0_buffers(module: torch.nn.Module, ctx: ProcessContext) -> Iterator[None]:
     """Give ``module`` rank 0's buffers (BatchNorm running statistics) inside the block, its own after it.
 
     Collective: every rank enters it. Parameters are left alone (data parallelism keeps them identical).
@@ -68,11 +63,13 @@ def rank0_buffers(module: torch.nn.Module, ctx: Any) -> Iterator[None]:
 def verify(
     module: torch.nn.Module,
     pairsets: Sequence[PairSet],
-    ctx: Any,
+    ctx: ProcessContext,
     *,
     embedding_size: int,
     image_size: int,
     batch_size: int = 64,
+    class_counts: Mapping[str, int] | None = None,
+    class_size_edges: Sequence[int] = (10, 100),
 ) -> dict[str, Any]:
     """Verification results of ``module`` on each pair set (collective: every rank calls it).
 
@@ -83,26 +80,36 @@ def verify(
         embedding_size: output size of ``module`` (for ranks with no pairs to embed).
         image_size: side of the square inputs ``module`` expects.
         batch_size: images per forward pass.
+        class_counts: ``{identity name: training images}`` (the training manifest's): sets whose images carry
+            identity names (or counts of their own) also get ``result.class_sizes``, the accuracy per
+            head / torso / tail bucket (:func:`distrib_face.eval.buckets.class_size_for_pairset`).
+        class_size_edges: the bucket edges ``(tail below, head from)``.
 
     Returns:
         ``{set name: VerificationResult}``, identical on every rank, and equal to
         ``distrib_face.eval.evaluate_pairset`` on rank 0's module (the saved backbone) in one process.
     """
+    from distrib_face.eval.buckets import class_size_for_pairset
+
     results = {}
     with rank0_buffers(module, ctx):
         for pairs in pairsets:
-            results[pairs.name] = _verify_one(module, pairs, ctx, embedding_size, image_size, batch_size)
+            result, everyone = _verify_one(module, pairs, ctx, embedding_size, image_size, batch_size)
+            if pairs.identities is not None or pairs.image_counts is not None:
+                result.class_sizes = class_size_for_pairset(pairs, everyone, class_counts, edges=class_size_edges)
+            results[pairs.name] = result
     return results
 
 
 def _verify_one(
-    module: torch.nn.Module, pairs: PairSet, ctx: Any, embedding_size: int, image_size: int, batch_size: int
-) -> Any:
-    """One pair set: this rank's slice embedded, every slice gathered in rank order, the metrics of all."""
+    module: torch.nn.Module, pairs: PairSet, ctx: ProcessContext, embedding_size: int, image_size: int, batch_size: int
+) -> tuple[Any, np.ndarray]:
+    """One pair set: this rank's slice embedded, every slice gathered in rank order; the metrics of all and
+    the gathered embeddings ``[2 N, D]``."""
     from distrib_face.eval import embed_images, verification_metrics
     from distrib_face.parallel.collectives import all_gather_variable
 
-    start, stop = pair_range(pairs.num_pairs, ctx.rank, ctx.world_size)
+    start, stop = even_split(pairs.num_pairs, ctx.rank, ctx.world_size)  # this rank's pairs
     images = pairs.images[2 * start:2 * stop]
     if images:
         local = embed_images(module, images, batch_size=batch_size, device=ctx.device, flip=True,
@@ -112,13 +119,15 @@ def _verify_one(
     everyone = all_gather_variable(torch.from_numpy(local).to(ctx.device), ctx.group).cpu().numpy()  # [2 * N, D]
     if everyone.shape[0] != 2 * pairs.num_pairs:
         raise RuntimeError(f"pair set {pairs.name!r}: gathered {everyone.shape[0]} embeddings for {pairs.num_pairs} pairs")
-    return verification_metrics(everyone[0::2], everyone[1::2], pairs.issame, folds=pairs.folds, name=pairs.name)
+    return verification_metrics(everyone[0::2], everyone[1::2], pairs.issame, folds=pairs.folds, name=pairs.name), everyone
 
 
 def summarize(results: dict[str, Any], prefix: str = "verify") -> dict[str, float]:
     """Flat MLflow metrics of verification results: accuracy (mean, std), AUC, EER and TAR@FAR per set."""
     out: dict[str, float] = {}
     for name, result in results.items():
+        if result.class_sizes is not None:
+            out.update(result.class_sizes.summarize(prefix))
         d = result.to_dict()
         for key in ("accuracy", "accuracy_std", "auc", "eer"):
             if key in d and isinstance(d[key], (int, float)):
