@@ -58,23 +58,41 @@ def verify(
         ``{set name: VerificationResult}``, identical on every rank.
     """
     from distrib_face.eval import embed_images, verification_metrics
+    from distrib_face.eval.embed import skipped_pairs_note, usable_pairs
     from distrib_face.parallel.collectives import all_gather_variable
 
     results = {}
     for pairs in pairsets:
         start, stop = pair_range(pairs.num_pairs, ctx.rank, ctx.world_size)
         images = pairs.images[2 * start:2 * stop]
+        skipped: dict[int, str] = {}
         if images:
             local = embed_images(module, images, batch_size=batch_size, device=ctx.device, flip=True,
-                                 image_size=(image_size, image_size))
+                                 image_size=(image_size, image_size), skipped=skipped)
         else:
             local = np.zeros((0, embedding_size), np.float32)
-        everyone = all_gather_variable(torch.from_numpy(local).to(ctx.device), ctx.group).cpu().numpy()
+        # one gather carries the embeddings and, in a last column, which images could not be decoded
+        # (their rows are NaN; a NaN embedding of a decodable image means the model diverged and stays NaN)
+        bad = np.zeros((local.shape[0], 1), np.float32)
+        bad[sorted(skipped)] = 1.0
+        local = np.where(bad > 0, 0.0, local).astype(np.float32)
+        gathered = all_gather_variable(torch.from_numpy(np.concatenate([local, bad], 1)).to(ctx.device), ctx.group)
+        gathered = gathered.cpu().numpy()
+        everyone, everyone_bad = gathered[:, :-1], np.flatnonzero(gathered[:, -1] > 0)
         if everyone.shape[0] != 2 * pairs.num_pairs:
             raise RuntimeError(f"pair set {pairs.name!r}: gathered {everyone.shape[0]} embeddings for {pairs.num_pairs} pairs")
+        keep = usable_pairs(pairs.num_pairs, everyone_bad)
+        if not keep.any():
+            raise ValueError(f"pair set {pairs.name!r}: no pair has two decodable images")
         results[pairs.name] = verification_metrics(
-            everyone[0::2], everyone[1::2], pairs.issame, folds=pairs.folds, name=pairs.name
+            everyone[0::2][keep], everyone[1::2][keep], np.asarray(pairs.issame)[keep],
+            folds=None if pairs.folds is None else np.asarray(pairs.folds)[keep], name=pairs.name,
         )
+        if len(everyone_bad):
+            reasons = {int(i): "unusable" for i in everyone_bad}
+            note = skipped_pairs_note(everyone.shape[0], reasons, keep)
+            logger.warning("pair set %s: %s", pairs.name, note)
+            results[pairs.name].notes.append(note)
     return results
 
 
