@@ -68,12 +68,20 @@ __all__ = ["TrainLoader", "build_loader", "flip_bit", "DataQualityError", "DaliF
 
 
 class _ReaderPool:
-    """Runs one reader slot per process and merges their chunks in round-robin order."""
+    """Runs one reader slot per process and merges their chunks in round-robin order.
 
-    def __init__(self, specs: Sequence[SlotSpec], prefetch_chunks: int, stall_timeout: float) -> None:
+    The merge takes chunk ``k`` of worker 0, 1, ..., then chunk ``k + 1`` of each, starting at ``cursor``
+    (chunk index, worker): a resumed loader starts at the chunk it was consuming. A reader resumed inside a
+    chunk first sends what is left of it; an earlier chunk it sends (only skips, beyond the saved position)
+    is passed on at once.
+    """
+
+    def __init__(self, specs: Sequence[SlotSpec], prefetch_chunks: int, stall_timeout: float,
+                 cursor: tuple[int, int] = (0, 0)) -> None:
         self.specs = list(specs)
         self.prefetch_chunks = prefetch_chunks
         self.stall_timeout = stall_timeout
+        self.cursor = cursor
         self.processes: list[Any] = []
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -86,22 +94,40 @@ class _ReaderPool:
         self.processes = [ctx.Process(target=reader_main, args=(spec, q, counter, os.getpid()), daemon=True,
                                       name=f"data reader {spec.worker}")
                           for spec, q, counter in zip(self.specs, queues, progress)]
+        ahead: dict[int, Chunk] = {}  # a chunk received for a later round
+
+        def next_chunk(index: int) -> Chunk | None:
+            if index in ahead:
+                return ahead.pop(index)
+            spec = self.specs[index]
+            name = f"data reader worker {index} (rank {spec.rank}, epoch {spec.epoch}, pass {spec.pass_index})"
+            kind, payload = receive(queues[index], self.processes[index], name, progress[index], self.stall_timeout)
+            if kind == "chunk":
+                return payload
+            if kind == "end":
+                return None
+            raise WorkerError(f"{name} (pid {self.processes[index].pid}) failed:\n{payload}")
+
         try:
             for process in self.processes:
                 start_worker(process)
-            active = list(range(len(self.specs)))
+            active = set(range(len(self.specs)))
+            round_index, worker = self.cursor
             while active:
-                for index in list(active):
-                    spec = self.specs[index]
-                    name = f"data reader worker {index} (rank {spec.rank}, epoch {spec.epoch}, pass {spec.pass_index})"
-                    kind, payload = receive(queues[index], self.processes[index], name, progress[index],
-                                            self.stall_timeout)
-                    if kind == "chunk":
-                        yield payload
-                    elif kind == "end":
-                        active.remove(index)
+                if worker in active:
+                    chunk = next_chunk(worker)
+                    while chunk is not None and chunk.index < round_index:
+                        yield chunk
+                        chunk = next_chunk(worker)
+                    if chunk is None:
+                        active.discard(worker)
+                    elif chunk.index == round_index:
+                        yield chunk
                     else:
-                        raise WorkerError(f"{name} (pid {self.processes[index].pid}) failed:\n{payload}")
+                        ahead[worker] = chunk
+                worker += 1
+                if worker == len(self.specs):
+                    worker, round_index = 0, round_index + 1
         finally:
             self.close()
 
@@ -137,6 +163,7 @@ class _Progress:
     samples: int = 0
     pass_index: int = 0
     positions: list[int] = field(default_factory=list)
+    last_worker: int = 0  # the reader of the last sample consumed (where the round-robin merge stands)
 
     def advance(self, batch: _RawBatch, num_slots: int) -> None:
         for pass_index, worker, position in batch.origins:
@@ -144,6 +171,7 @@ class _Progress:
                 self.pass_index = pass_index
                 self.positions = [0] * num_slots
             self.positions[worker] = max(self.positions[worker], position + 1)
+            self.last_worker = worker
         self.samples += len(batch.origins)  # dropped corrupt samples were taken from the stream too
         self.batches += 1
 
@@ -288,7 +316,7 @@ class TrainLoader:
             "pass": p.pass_index, "positions": list(p.positions), "rank": self.rank,
             "world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
             "seed": self.seed, "content_hash": self.manifest.content_hash, "num_skipped": self.counts.skipped_total,
-            "counts": self.counts.to_dict(),
+            "last_worker": p.last_worker, "chunk_size": self.chunk_size, "counts": self.counts.to_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -305,15 +333,19 @@ class TrainLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state: version {state.get('version')!r} is not {STATE_VERSION}")
         expected = {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
-                    "batch_size": self.batch_size, "seed": self.seed, "content_hash": self.manifest.content_hash}
+                    "batch_size": self.batch_size, "seed": self.seed, "content_hash": self.manifest.content_hash,
+                    "chunk_size": self.chunk_size}
         for name, value in expected.items():
+            if name == "chunk_size" and name not in state:
+                continue  # states written before chunk_size was saved
             if state.get(name) != value:
                 raise ValueError(
                     f"loader state: {name}={state.get(name)!r} but this loader has {name}={value!r}; "
                     "a mid-epoch position only resumes with the same data and layout"
                 )
         self._progress = _Progress(int(state["epoch"]), int(state["batches"]), int(state["samples"]),
-                                   int(state["pass"]), [int(p) for p in state["positions"]])
+                                   int(state["pass"]), [int(p) for p in state["positions"]],
+                                   int(state.get("last_worker", 0)))
         missing = self.counts.missing_shards
         self.counts = DataCounts.from_dict(state.get("counts", {}))
         self.counts.missing_shards = missing
@@ -374,13 +406,16 @@ class TrainLoader:
         taken = start.samples
         pass_index = start.pass_index
         skips = list(start.positions)
+        # the merge resumes at the chunk of the last consumed sample (chunks cover fixed position ranges)
+        last = start.positions[start.last_worker] if start.positions else 0
+        cursor = ((last - 1) // max(1, self.chunk_size), start.last_worker) if last > 0 else (0, 0)
         batch = _RawBatch([], [], [])
         while taken < target:
             got = 0
             pass_skips: Counter = Counter()
             pool = _ReaderPool(self._specs(start.epoch, pass_index, skips),
                                prefetch_chunks=self.prefetch_chunks if self.num_workers > 0 else 0,
-                               stall_timeout=self.stall_timeout)
+                               stall_timeout=self.stall_timeout, cursor=cursor)
             try:
                 for chunk in pool:
                     if chunk.skips:
@@ -413,6 +448,7 @@ class TrainLoader:
                         self.rank, start.epoch, pass_index, target - taken, format_reasons(pass_skips) or "nothing")
             pass_index += 1
             skips = [0] * self.num_slots
+            cursor = (0, 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         target = self.samples_per_epoch()

@@ -403,6 +403,7 @@ class Chunk:
     """
 
     worker: int
+    index: int  # covers positions [index * chunk_size, (index + 1) * chunk_size)
     positions: list[int]
     labels: list[int]
     images: Any
@@ -438,8 +439,14 @@ def prepare_sample(data: bytes, spec: SlotSpec, rng: random.Random, position: in
 
 
 def chunk_stream(spec: SlotSpec, on_sample: Callable[[], None] | None = None) -> Iterator[Chunk]:
-    """Decode or check this slot's samples and group them into :class:`Chunk` s of ``spec.chunk_size``."""
+    """Decode or check this slot's samples and group them into :class:`Chunk` s.
+
+    Chunk ``k`` covers the stream positions ``[k * chunk_size, (k + 1) * chunk_size)`` whatever position the
+    reader started at, so a reader resumed mid-epoch cuts its chunks where the uninterrupted one did and the
+    loader's round-robin merge of the readers repeats exactly.
+    """
     aug_rng = _rng(spec.seed, spec.epoch, spec.pass_index, spec.slot, 0x33)
+    size = max(1, spec.chunk_size)
     positions: list[int] = []
     labels: list[int] = []
     images: list[Any] = []
@@ -447,8 +454,14 @@ def chunk_stream(spec: SlotSpec, on_sample: Callable[[], None] | None = None) ->
     shards: list[int] = []
     flags: list[int] = []
     skips: list[tuple[int, int, str, int]] = []
+    index = spec.skip // size
     last_position = spec.skip - 1
     for position, sample in positioned_samples(spec, on_sample):
+        if position // size != index:
+            if positions or skips:
+                yield _make_chunk(spec, index, positions, labels, images, keys, shards, flags, skips, last_position)
+            positions, labels, images, keys, shards, flags, skips = [], [], [], [], [], [], []
+            index = position // size
         last_position = position
         if sample.reason is not None:
             skips.append((position, sample.shard, sample.reason, max(1, sample.lost)))
@@ -468,17 +481,14 @@ def chunk_stream(spec: SlotSpec, on_sample: Callable[[], None] | None = None) ->
         keys.append(sample.key)
         shards.append(sample.shard)
         flags.append(flag)
-        if len(positions) >= spec.chunk_size:
-            yield _make_chunk(spec, positions, labels, images, keys, shards, flags, skips, last_position)
-            positions, labels, images, keys, shards, flags, skips = [], [], [], [], [], [], []
     if positions or skips:
-        yield _make_chunk(spec, positions, labels, images, keys, shards, flags, skips, last_position)
+        yield _make_chunk(spec, index, positions, labels, images, keys, shards, flags, skips, last_position)
 
 
-def _make_chunk(spec: SlotSpec, positions: list[int], labels: list[int], images: list[Any], keys: list[str],
-                shards: list[int], flags: list[int], skips: list[tuple[int, int, str, int]],
+def _make_chunk(spec: SlotSpec, index: int, positions: list[int], labels: list[int], images: list[Any],
+                keys: list[str], shards: list[int], flags: list[int], skips: list[tuple[int, int, str, int]],
                 last_position: int) -> Chunk:
     packed: Any = images
     if spec.decode == "pil" and images and all(im.shape == images[0].shape for im in images):
         packed = np.stack(images)
-    return Chunk(spec.worker, positions, labels, packed, keys, shards, flags, skips, last_position)
+    return Chunk(spec.worker, index, positions, labels, packed, keys, shards, flags, skips, last_position)
