@@ -213,3 +213,40 @@ def test_eval_leaves_out_the_pairs_of_bad_images_and_says_so():
     assert any("too_large 1" in note and "truncated 1" in note and "2 of 20 pairs" in note for note in result.notes)
     with pytest.raises(ValueError, match="image 4: cannot decode .*too_large"):
         embed_images(net, dirty, image_size=(16, 16))
+
+
+def test_a_broken_dali_pipeline_stops_with_dalis_own_message(tmp_path, monkeypatch):
+    """The fault of issue 9 itself: an op DALI refuses (coin_flip with dtype=FLOAT) made every batch fail with a
+    blank "Critical error in pipeline:" and fall back to PIL silently. Injected into a real DALI pipeline, it
+    must stop the loader after a few batches with DALI's own explanation."""
+    import distrib_face.data.dali as dali
+    from distrib_face.data.quality import DaliFallbackError
+    from distrib_face.data.testing import write_indexed_shards
+
+    def broken_pipeline(source, *, batch_size, num_threads, seed, **_):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed)
+        def pipe():
+            jpegs, labels = fn.external_source(source=source, num_outputs=2, cycle="raise", batch=True,
+                                               dtype=[types.UINT8, types.INT64])
+            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            chosen = fn.random.coin_flip(probability=0.5, dtype=types.FLOAT)
+            images = fn.cast(images * chosen, dtype=types.UINT8)
+            return fn.crop_mirror_normalize(images, mean=[127.5] * 3, std=[127.5] * 3, output_layout="CHW"), labels
+
+        built = pipe()
+        built.build()
+        return built
+
+    monkeypatch.setattr(dali, "build_pipeline", broken_pipeline)
+    write_indexed_shards(tmp_path, [40, 40], image_size=8)
+    loader = build_loader(tmp_path, batch_size=8, rank=0, world_size=1, num_workers=0, decoder="dali", augment=False)
+    delivered = 0
+    with pytest.raises(DaliFallbackError) as caught:
+        for _, labels in loader:
+            delivered += len(labels)
+    message = str(caught.value)
+    assert "Data type float is currently not supported" in message and "coin_flip" in message
+    assert "Critical error in pipeline" not in message and "3 of 3 batches" in message
+    assert delivered == 16 and loader.counts.dali_fallback_batches == 2  # decoded by PIL, counted, then stop
