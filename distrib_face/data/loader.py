@@ -458,11 +458,14 @@ class TrainLoader:
             batches = self._iter_dali(self._raw_batches(start, target))
         else:
             batches = self._iter_pil(self._raw_batches(start, target))
-        for raw, images, labels in batches:
-            self._progress.advance(raw, self.num_slots)
-            self._batches_seen += 1
-            self._account(raw)
-            yield images, labels
+        try:
+            for raw, images, labels in batches:
+                self._progress.advance(raw, self.num_slots)
+                self._batches_seen += 1
+                self._account(raw)
+                yield images, labels
+        finally:
+            batches.close()  # stops the reader processes now, also on an abort or an abandoned epoch
         # skips after the last consumed position of a reader are not counted (a resumed run cannot see them
         # either); everything before it is
         self._commit_skips()
