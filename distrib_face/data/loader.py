@@ -64,7 +64,7 @@ STATE_VERSION = 1
 DEFAULT_MAX_FALLBACK_FRACTION = 0.01
 MIN_FALLBACKS_TO_ABORT = 3
 
-__all__ = ["TrainLoader", "build_loader", "flip_bit", "DataQualityError", "DaliFallbackError", "WorkerError"]
+__all__ = ["DaliFallbackError", "DataQualityError", "TrainLoader", "WorkerError", "build_loader", "flip_bit"]
 
 
 class _ReaderPool:

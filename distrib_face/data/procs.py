@@ -258,7 +258,8 @@ class OrderedPool:
         self.processes = [ctx.Process(target=_pool_main, args=(self.fn, tasks[w], results[w], progress[w],
                                                                 os.getpid()),
                                       name=f"{self.name} {w}", daemon=True) for w in range(n)]
-        chunks = iter(lambda it=iter(jobs): list(itertools.islice(it, chunk_size)), [])
+        source = iter(jobs)
+        chunks = iter(lambda: list(itertools.islice(source, chunk_size)), [])
         sent = received = 0
         try:
             for process in self.processes:

@@ -148,10 +148,12 @@ class VerifyResult:
         repaired: Counter = Counter()
         for report in self.shards:
             repaired.update(report.repaired)
-        summary = (f"{len(self.shards)} shards, {read} samples read ({self.manifest.num_samples} in the manifest): "
-                   + (f"{self.num_problems} problems in {len(bad)} shards"
-                      + (f" and {len(self.set_problems)} of the set" if self.set_problems else "")
-                      if not self.ok else "no problems"))
+        found = "no problems"
+        if not self.ok:
+            found = f"{self.num_problems} problems in {len(bad)} shards"
+            if self.set_problems:
+                found += f" and {len(self.set_problems)} of the set"
+        summary = f"{len(self.shards)} shards, {read} samples read ({self.manifest.num_samples} in the manifest): {found}"
         if any(repaired.values()):
             summary += "; repaired, not problems: " + ", ".join(f"{r} {repaired[r]}" for r in REPAIR_REASONS
                                                              if repaired[r])

@@ -219,7 +219,7 @@ def test_a_broken_dali_pipeline_stops_with_dalis_own_message(tmp_path, monkeypat
     """The fault of issue 9 itself: an op DALI refuses (coin_flip with dtype=FLOAT) made every batch fail with a
     blank "Critical error in pipeline:" and fall back to PIL silently. Injected into a real DALI pipeline, it
     must stop the loader after a few batches with DALI's own explanation."""
-    import distrib_face.data.dali as dali
+    from distrib_face.data import dali
     from distrib_face.data.quality import DaliFallbackError
     from distrib_face.data.testing import write_indexed_shards
 
