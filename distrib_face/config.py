@@ -78,6 +78,16 @@ class DataConfig:
     a mapping: the loader's options)."""
     resampled: bool = False
     """Draw shards with replacement (an endless stream) instead of epochs over the shard list."""
+    max_skip_fraction: float = 0.01
+    """Stop training (``DataQualityError``, naming the worst shard) once more than this fraction of the
+    samples read had to be skipped (bad images, bad labels, lost shard samples); checked after the first
+    1000 samples of each rank, over the whole run. 0 tolerates nothing, 1 never stops."""
+    allow_missing_shards: bool = False
+    """Train without the shards the manifest names but that are missing (said once in the log). Off: a
+    missing shard is an error naming it."""
+    max_image_pixels: int = 36_000_000
+    """Largest ``width x height`` an image header may claim; larger ones (decompression bombs) are skipped
+    as ``too_large`` before any decoder allocates memory for them. Must be at least ``image_size**2``."""
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("shards", "random"))
@@ -90,6 +100,11 @@ class DataConfig:
         _check_positive("data.random_num_samples", self.random_num_samples)
         if not 16 <= self.image_size <= 1024:
             _fail("data.image_size", "must be in [16, 1024]", self.image_size)
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            _fail("data.max_skip_fraction", "must be in [0, 1]", self.max_skip_fraction)
+        if isinstance(self.max_image_pixels, bool) or not self.max_image_pixels >= self.image_size ** 2:
+            _fail("data.max_image_pixels", f"must be an integer >= data.image_size**2 = {self.image_size ** 2}",
+                  self.max_image_pixels)
         if self.source == "shards" and not self.shards:
             raise ConfigError("data.shards must name a shard folder or manifest when data.source is 'shards', got None")
 

@@ -1,7 +1,10 @@
-"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``bench data``.
+"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``data verify``, ``bench data``.
 
 Exit codes of ``pack``: 0 everything packed; 3 packed, but images were skipped or identities were empty
 (listed in ``pack_report.json``); 2 nothing usable written (refused output, strict stop, bad input).
+
+Exit codes of ``data verify``: 0 no problem; 3 problems found (the table lists them by shard and reason);
+2 the shard set cannot be checked (no manifest, an invalid one: the message names the field).
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import argparse
 import logging
 import os
 
+from distrib_face.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+
 log = logging.getLogger(__name__)
 
 EXIT_SKIPPED = 3
+EXIT_PROBLEMS = 3
 EXIT_FAILED = 2
 
 
@@ -33,6 +39,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--no-verify", action="store_true", help="pass JPEGs through without a test decode")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="skip images whose header claims more pixels (decompression bombs) before decoding")
     p.set_defaults(func=_pack)
 
     s = sub.add_parser("synth", help="write a synthetic long-tailed face-like identity set as shards")
@@ -58,6 +66,15 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
                     "manifest, or in the current folder for a URL)")
     st.set_defaults(func=_stats)
 
+    v = groups["data"].add_parser("verify", help="read every sample once and list problems by shard and reason")
+    v.add_argument("shards", help="shard folder, manifest.json, or their URL")
+    v.add_argument("--workers", type=int, default=2, help="processes, one shard at a time each (default 2)")
+    v.add_argument("--sha256", action="store_true", help="also check each shard's SHA-256 against the manifest")
+    v.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="pixel limit of image headers (data.max_image_pixels)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=_verify)
+
     b = groups["bench"].add_parser("data", help="loader img/s: DALI CPU 1 / 2 threads, DALI mixed on a GPU, PIL")
     b.add_argument("--shards", default=None, help="shard folder (default: synthetic shards in a temp folder)")
     b.add_argument("--identities", type=int, default=500, help="synthetic identities when --shards is not given")
@@ -77,7 +94,7 @@ def _pack(args: argparse.Namespace) -> int:
         result = pack(args.source, args.out, kind=args.kind, prefix=args.prefix, max_count=args.max_count,
                       max_mb=args.max_mb, quality=args.quality, image_size=args.image_size, workers=args.workers,
                       if_exists=args.if_exists, strict=args.strict, verify=not args.no_verify,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
     except PackError as err:
         from distrib_face.cli import CommandError
 
@@ -89,6 +106,19 @@ def _pack(args: argparse.Namespace) -> int:
               f"see {result.report_path}")
         return EXIT_SKIPPED
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from distrib_face.data.verify import verify_shards
+
+    try:
+        result = verify_shards(args.shards, workers=args.workers, sha256=args.sha256,
+                               max_image_pixels=args.max_image_pixels, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return EXIT_FAILED
+    print(result.table())
+    return 0 if result.ok else EXIT_PROBLEMS
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from distrib_face.eval.embed import decode_image
+from distrib_face.data.decode import BadSample
+from distrib_face.eval.embed import decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ SKIP_REASONS: dict[str, str] = {
     "empty": "zero bytes",
     "not_an_image": "no decoder recognises the bytes",
     "truncated": "the image data ends early",
-    "decompression_bomb": "the header claims more than 2 x PIL's MAX_IMAGE_PIXELS pixels",
-    "corrupt": "a decoder error inside the image data",
+    "too_large": "the header claims more pixels than the limit (a decompression bomb)",
+    "undecodable": "a decoder error inside the image data",
 }
+"""Why an image was skipped: the data side's reasons (:data:`distrib_face.data.decode.SKIP_REASONS`) plus the
+two that only a file source has (``unreadable_file``, ``empty``)."""
 
 
 class SourceError(ValueError):
@@ -178,29 +181,19 @@ def scan_image_source(source: str | os.PathLike, kind: str = "auto") -> ImageSou
 
 
 def decode_safely(data: bytes | None, size: tuple[int, int]) -> tuple[np.ndarray | None, str, str]:
-    """Decode one image for embedding, or say why not.
-
-    The one place that turns decoder exceptions into skip reasons (swap it for the data package's shared
-    inspect-and-decode function when that exists).
+    """Decode one image for embedding with the data side's safe decoder, or say why not.
 
     Returns:
         ``(uint8 [H, W, 3] or None, reason, message)``; ``reason`` is a key of :data:`SKIP_REASONS` or "".
     """
-    from PIL import Image, UnidentifiedImageError
-
     if data is None:
         return None, "missing_image", "no image in the sample"
     if len(data) == 0:
         return None, "empty", "0 bytes"
     try:
-        return decode_image(data, size), "", ""
-    except Image.DecompressionBombError as err:
-        return None, "decompression_bomb", str(err)
-    except UnidentifiedImageError:
-        return None, "not_an_image", f"{len(data)} bytes that no decoder recognises (they start {data[:8]!r})"
-    except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some malformed headers
-        reason = "truncated" if "truncated" in str(err).lower() else "corrupt"
-        return None, reason, f"{type(err).__name__}: {err}"
+        return decode_rgb(data, size), "", ""
+    except BadSample as bad:
+        return None, bad.reason, bad.detail
 
 
 @dataclass
@@ -244,25 +237,24 @@ def iter_payloads(source: ImageSource) -> Iterator[tuple[int, str, int, str | by
     """``(position, name, label, payload)`` of every image in reading order (payload: a path, or shard bytes).
 
     Shards are read in the calling process (plain tar streaming, cheap next to decoding); a truncated or
-    unreadable shard is logged and counted by :class:`~distrib_face.data.stream.ReadErrors`, and reading goes
-    on with the next shard.
+    unreadable shard is logged (with the number of samples it lost), and reading goes on with the next shard.
     """
     if source.kind != "shards":
         for position, item in enumerate(source.items):
             yield position, item.name, item.label, item.path
         return
-    from distrib_face.data.stream import ReadErrors, iter_shard
+    from distrib_face.data.stream import iter_shard
 
-    errors = ReadErrors()
     position = 0
-    for url, expected in zip(source.shards, source.shard_counts):
+    for index, (url, expected) in enumerate(zip(source.shards, source.shard_counts)):
         shard_name = url.rstrip("/").rsplit("/", 1)[-1]
-        for key, image, label in iter_shard(url, errors, expected=expected):
-            yield position, f"{shard_name}/{key}", -1 if label is None else label, image
+        for sample in iter_shard(url, index, expected=expected, allow_missing=True):
+            if not sample.key:  # a marker for samples a cut-short or missing shard did not deliver
+                logger.warning("%s: %d sample(s) lost (%s)", shard_name, sample.lost, sample.reason)
+                continue
+            # a sample without a usable label is still embedded (label -1); one without an image is skipped
+            yield position, f"{shard_name}/{sample.key}", -1 if sample.label is None else sample.label, sample.image
             position += 1
-    if errors.shards:
-        logger.warning("%s: %d shard(s) could not be read to the end (see the warnings above)", source.path,
-                       errors.shards)
 
 
 def reader_context() -> mp.context.BaseContext:

@@ -148,11 +148,14 @@ def build_train_data(cfg: Config, rank: int, world_size: int, device: torch.devi
     from distrib_face.data import build_loader, read_manifest
 
     manifest = read_manifest(data.shards)
+    # labels outside [0, manifest.num_classes) are dropped by the readers (counted as label_out_of_range),
+    # so the classifier never sees one; loader.counts holds what was skipped (see distrib_face.data.quality)
     loader = build_loader(
         data.shards, batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=cfg.train.seed, epoch=epoch, decoder=data.decoder, device=str(device), dtype=torch.float32,
         augment=data.augment, rebalance=data.rebalance, resampled=data.resampled, drop_last=True,
-        dali_threads=data.dali_threads, image_size=data.image_size,
+        dali_threads=data.dali_threads, image_size=data.image_size, max_skip_fraction=data.max_skip_fraction,
+        allow_missing_shards=data.allow_missing_shards, max_image_pixels=data.max_image_pixels,
     )
     if len(loader) == 0:
         raise ValueError(

@@ -94,8 +94,9 @@ def verify(
     results = {}
     with rank0_buffers(module, ctx):
         for pairs in pairsets:
-            result, everyone = _verify_one(module, pairs, ctx, embedding_size, image_size, batch_size)
-            if pairs.identities is not None or pairs.image_counts is not None:
+            result, everyone, complete = _verify_one(module, pairs, ctx, embedding_size, image_size, batch_size)
+            # (the class-size split needs every pair: a set with undecodable images gets none, and says so)
+            if complete and (pairs.identities is not None or pairs.image_counts is not None):
                 result.class_sizes = class_size_for_pairset(pairs, everyone, class_counts, edges=class_size_edges)
             results[pairs.name] = result
     return results
@@ -103,23 +104,43 @@ def verify(
 
 def _verify_one(
     module: torch.nn.Module, pairs: PairSet, ctx: ProcessContext, embedding_size: int, image_size: int, batch_size: int
-) -> tuple[Any, np.ndarray]:
-    """One pair set: this rank's slice embedded, every slice gathered in rank order; the metrics of all and
-    the gathered embeddings ``[2 N, D]``."""
+) -> tuple[Any, np.ndarray, bool]:
+    """One pair set: this rank's slice embedded, every slice gathered in rank order; the metrics of the usable
+    pairs, the gathered embeddings ``[2 N, D]``, and whether every pair was usable."""
     from distrib_face.eval import embed_images, verification_metrics
+    from distrib_face.eval.embed import skipped_pairs_note, usable_pairs
     from distrib_face.parallel.collectives import all_gather_variable
 
     start, stop = even_split(pairs.num_pairs, ctx.rank, ctx.world_size)  # this rank's pairs
     images = pairs.images[2 * start:2 * stop]
+    skipped: dict[int, str] = {}
     if images:
         local = embed_images(module, images, batch_size=batch_size, device=ctx.device, flip=True,
-                             image_size=(image_size, image_size))  # [2 * (stop - start), D]
+                             image_size=(image_size, image_size), skipped=skipped)  # [2 * (stop - start), D]
     else:
         local = np.zeros((0, embedding_size), np.float32)
-    everyone = all_gather_variable(torch.from_numpy(local).to(ctx.device), ctx.group).cpu().numpy()  # [2 * N, D]
+    # One gather carries the embeddings and, in a last column, which images could not be decoded (their rows
+    # are zeros; a NaN embedding of a decodable image means the model diverged, and stays NaN).
+    bad = np.zeros((local.shape[0], 1), np.float32)
+    bad[sorted(skipped)] = 1.0
+    local = np.where(bad > 0, 0.0, local).astype(np.float32)
+    gathered = all_gather_variable(torch.from_numpy(np.concatenate([local, bad], 1)).to(ctx.device), ctx.group)
+    gathered = gathered.cpu().numpy()
+    everyone, everyone_bad = gathered[:, :-1], np.flatnonzero(gathered[:, -1] > 0)  # [2 * N, D]
     if everyone.shape[0] != 2 * pairs.num_pairs:
         raise RuntimeError(f"pair set {pairs.name!r}: gathered {everyone.shape[0]} embeddings for {pairs.num_pairs} pairs")
-    return verification_metrics(everyone[0::2], everyone[1::2], pairs.issame, folds=pairs.folds, name=pairs.name), everyone
+    keep = usable_pairs(pairs.num_pairs, everyone_bad)
+    if not keep.any():
+        raise ValueError(f"pair set {pairs.name!r}: no pair has two decodable images")
+    result = verification_metrics(
+        everyone[0::2][keep], everyone[1::2][keep], np.asarray(pairs.issame)[keep],
+        folds=None if pairs.folds is None else np.asarray(pairs.folds)[keep], name=pairs.name,
+    )
+    if len(everyone_bad):
+        note = skipped_pairs_note(everyone.shape[0], {int(i): "unusable" for i in everyone_bad}, keep)
+        logger.warning("pair set %s: %s", pairs.name, note)
+        result.notes.append(note)
+    return result, everyone, bool(keep.all())
 
 
 def summarize(results: dict[str, Any], prefix: str = "verify") -> dict[str, float]:

@@ -40,7 +40,7 @@ def _encoded(rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
 
 
 def _bomb_png() -> bytes:
-    """A valid PNG header claiming 20000 x 20000 pixels (over 2 x PIL's MAX_IMAGE_PIXELS); tiny on disk."""
+    """A valid PNG header claiming 20000 x 20000 pixels (over the default pixel limit); tiny on disk."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -52,7 +52,7 @@ def _bomb_png() -> bytes:
 BAD = {
     "empty": b"",
     "not_an_image": b"this is not an image at all",
-    "decompression_bomb": _bomb_png(),
+    "too_large": _bomb_png(),
 }
 
 
@@ -72,7 +72,7 @@ def _identity_folder(root: Path, seed: int = 0) -> tuple[dict[str, bytes], dict[
             data = _encoded(rng, "PNG" if k % 2 else "JPEG")
             (root / name).write_bytes(data)
             good[name] = data
-    planted = {"alice/x_empty.jpg": "empty", "bob/x_text.jpg": "not_an_image", "bob/x_bomb.png": "decompression_bomb",
+    planted = {"alice/x_empty.jpg": "empty", "bob/x_text.jpg": "not_an_image", "bob/x_bomb.png": "too_large",
                "carol/x_cut.jpg": "truncated", "carol/y_cut.jpg": "truncated"}
     for name, reason in planted.items():
         (root / name).write_bytes(_truncated(rng) if reason == "truncated" else BAD[reason])
@@ -109,7 +109,7 @@ def test_identity_folder_matches_eval_and_counts_bad_images(tmp_path, workers):
     assert emb.identities == [n.split("/")[0] for n in emb.names]
     assert emb.labels.tolist() == [labels[n.split("/")[0]] for n in emb.names]
     assert dict(zip(emb.skipped_names, emb.skipped_reasons)) == bad
-    assert emb.skip_counts == {"decompression_bomb": 1, "empty": 1, "not_an_image": 1, "truncated": 2}
+    assert emb.skip_counts == {"too_large": 1, "empty": 1, "not_an_image": 1, "truncated": 2}
 
 
 def test_flat_folder_and_list_file(tmp_path):
@@ -217,7 +217,7 @@ def test_embed_cli_with_onnx_model(tmp_path, capsys):
     assert code == 0
     err = capsys.readouterr().err
     assert "12 embeddings of dim 8" in err
-    assert "skipped 5: decompression_bomb 1, empty 1, not_an_image 1, truncated 2" in err
+    assert "skipped 5: empty 1, not_an_image 1, too_large 1, truncated 2" in err
     emb = load_embeddings(out)
     onnx_reference = l2_normalize(embed_images(load_model(tmp_path / "m.onnx"), [good[n] for n in emb.names]))
     np.testing.assert_allclose(emb.embeddings, onnx_reference, atol=1e-6)

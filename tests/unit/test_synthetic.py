@@ -8,15 +8,15 @@ import numpy as np
 from PIL import Image
 
 from distrib_face.data.manifest import read_manifest
-from distrib_face.data.stream import ReadErrors, iter_shard
+from distrib_face.data.stream import iter_shard
 from distrib_face.data.synthetic import write_synthetic
 
 
 def _samples(folder):
     manifest = read_manifest(folder)
     out = []
-    for shard in manifest.shards:
-        out += [(key, label, image) for key, image, label in iter_shard(shard, ReadErrors())]
+    for index, shard in enumerate(manifest.shards):
+        out += [(s.key, s.label, s.image) for s in iter_shard(shard, index, num_classes=manifest.num_classes)]
     return manifest, out
 
 
