@@ -47,14 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: str) -> None:
+    """Logging of every entry point: ``level`` (a name; unknown names mean INFO) to stderr, Python warnings
+    through logging, and every record passed through the secret redaction
+    (:func:`distrib_face.tracking.install_log_redaction`)."""
+    from distrib_face.redact import install_log_redaction
+
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.captureWarnings(True)
+    install_log_redaction()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; returns its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     return int(args.func(args) or 0)
 
 

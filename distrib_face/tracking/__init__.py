@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from distrib_face.tracking.base import NoOpTracker, Tracker
 from distrib_face.tracking.metrics import MetricAggregator
-from distrib_face.tracking.params import flatten_params, is_secret_key, redact
+from distrib_face.tracking.params import flatten_params
+from distrib_face.redact import install_log_redaction, is_secret_key, redact, redact_text
 from distrib_face.tracking.plots import class_size_histogram, plot_class_histogram, plot_loss_curve
 
 __all__ = [
@@ -25,10 +26,12 @@ __all__ = [
     "class_size_histogram",
     "create_tracker",
     "flatten_params",
+    "install_log_redaction",
     "is_secret_key",
     "plot_class_histogram",
     "plot_loss_curve",
     "redact",
+    "redact_text",
 ]
 
 

@@ -5,7 +5,11 @@
   the last reported checkpoint, finishes with the same losses as the uninterrupted run, and keeps logging
   into the same MLflow run.
 
-The cluster lives in a short temp dir of its own and is shut down by its own handle (never ``ray stop``).
+The cluster (``tests/ray_head.py:local_cluster``) lives in a short temp dir of its own, Ray's address file
+included (nothing under /tmp/ray), listens on loopback only, and is shut down by its own handle (never
+``ray stop``). The first test also checks the redaction of what Ray records (the Train run state, the
+worker logs) and that no socket of the cluster, its workers or this driver listens beyond loopback but
+the one docs/ray.md names.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_ray_job import free_port, short_temp_dir, tiny_config
+from tests.integration.test_ray_job import tiny_config
+from tests.ray_head import SocketWatch, describe, local_cluster, tcpstore_listeners
 from tests.spawn import run_world
 
 pytestmark = pytest.mark.slow
@@ -60,22 +65,8 @@ def reference_losses(tmp_path_factory) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """A head and a second node, 1 CPU each, with the driver (this process) connected."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    with short_temp_dir() as temp_dir:
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={"num_cpus": 1, "temp_dir": str(temp_dir), "include_dashboard": False,
-                            "dashboard_agent_listen_port": free_port(), "object_store_memory": 200 * 1024**2},
-        )
-        try:
-            cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(), object_store_memory=200 * 1024**2)
-            ray.init(address=cluster.address)
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+    with local_cluster(num_nodes=2, cpus_per_node=1) as cluster:
+        yield cluster
 
 
 def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_cluster, reference_losses):
