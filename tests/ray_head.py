@@ -87,22 +87,36 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _restore(undo) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        undo()
+
+
+@contextlib.contextmanager
 def local_cluster(num_nodes: int = 2, cpus_per_node: int = 1, object_store_memory: int = 200 * 1024**2):
     """A ``ray.cluster_utils.Cluster`` of ``num_nodes`` loopback-only nodes, this process its driver.
 
     The Ray processes inherit the environment of :func:`launch.local_ray.loopback_env` (free metrics
     ports, gloo on ``lo``) while the cluster starts; every node gets ``node_ip_address=127.0.0.1``
-    explicitly (in this process ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` was read when ray was imported);
+    explicitly, and the flag Ray derived from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it was imported into
+    this process is switched off for the cluster's lifetime;
     ``RAY_TMPDIR`` points Ray's address file into the cluster's own temp dir. Yields the cluster.
     """
     import ray
+    import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
 
     with short_temp_dir() as temp_dir:
         (temp_dir / "ray").mkdir()  # the Cluster writes $RAY_TMPDIR/ray/ray_current_cluster
         env = {key: value for key, value in loopback_env(base={}).items() if key != "PATH"}
         env["RAY_TMPDIR"] = str(temp_dir)
-        with _environ(env):
+        # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported into this process: set what it made
+        # of it, or ray.init() turns the address 127.0.0.1 into the routable IP, where the GCS does not listen.
+        enable_cluster = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        with _environ(env), _restore(lambda: setattr(ray_constants, "ENABLE_RAY_CLUSTER", enable_cluster)):
             node_args = {"num_cpus": cpus_per_node, "node_ip_address": LOOPBACK,
                          "object_store_memory": object_store_memory}
             cluster = Cluster(initialize_head=True, head_node_args={

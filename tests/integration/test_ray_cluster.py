@@ -69,8 +69,14 @@ def two_node_cluster():
         yield cluster
 
 
+SECRET = "Planted-api-key-6650"
+
+
 def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_cluster, reference_losses):
+    import os
+
     import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
 
     from distrib_face.config import Config
     from distrib_face.train.ray_backend import launch_ray_training
@@ -78,7 +84,10 @@ def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_c
     node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(node_ids) == 2
 
-    result = launch_ray_training(Config.from_dict(_config(tmp_path, "two_nodes")))
+    # A secret the workers need (a DeepSpeed monitor's key; the monitor is off so nothing is sent).
+    cfg = _config(tmp_path, "two_nodes", deepspeed={"extra": {"comet": {"enabled": False, "api_key": SECRET}}})
+    with SocketWatch([os.getpid()]) as sockets:  # this driver, its raylets, agents and the Train workers
+        result = launch_ray_training(Config.from_dict(cfg))
 
     summary = result.return_value
     workers = sorted(summary["workers"], key=lambda w: w["rank"])
@@ -88,6 +97,24 @@ def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_c
     losses = _loss_history(result.checkpoint.path)
     assert [step for step, _ in losses] == list(range(1, TOTAL_STEPS + 1))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=0)
+
+    # What Ray records: the Train run state holds the config redacted; no log, checkpoint or result file
+    # of the cluster, the storage or the output folder holds the secret.
+    runs = ray.get(get_state_actor().get_train_runs.remote())
+    recorded = "".join(run.model_dump_json() for run in runs.values())
+    assert "[REDACTED]" in recorded and "iresnet_tiny" in recorded and SECRET not in recorded
+    roots = [Path(two_node_cluster.head_node.get_temp_dir_path()), Path(cfg["train"]["output_dir"])]
+    files = [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_socket()]
+    assert any(p.name.startswith("worker-") for p in files)  # the workers' captured output is among them
+    leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+    # Every socket of the cluster, its workers and this driver is on loopback, but the TCPStore of rank 0.
+    names = {listener.process for listener in sockets.seen}
+    assert {"gcs_server", "raylet"} <= names, describe(sockets.seen)
+    store = tcpstore_listeners(sockets, summary["workers"])
+    assert len(store) == 1 and {w["master_addr"] for w in workers} == {"127.0.0.1"}, describe(sockets.seen)
+    assert sockets.exposed() == store, "listening beyond loopback:\n" + describe(sockets.exposed() - store)
 
 
 def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path, two_node_cluster, reference_losses):
