@@ -1,13 +1,13 @@
 """Exit codes and one-line error reports, shared by ``distrib-face train``, ``launch/train.py`` and
-``launch/ray_job.py`` (docs/training.md, "Exit codes").
+``launch/ray_job.py`` (docs/training.md, "Exit codes and errors").
 
 - 0: finished.
 - 1 (:data:`EXIT_FAILED`): training failed -- the loss diverged (``NonFiniteLossError``), the workers failed
   more often than ``ray.max_failures`` allows, or anything unexpected (a bug: its traceback is printed).
 - 2 (:data:`EXIT_BAD_INPUT`): the user must fix something outside the training -- the config
-  (``ConfigError``), an input file (``FileNotFoundError``), a checkpoint (``CheckpointError``), the output
-  location (``OutputError``: read-only, not a folder, no space left, the file-size limit), the MLflow store
-  (``TrackingError``, ``MlflowException``), the Ray cluster address.
+  (``ConfigError``), an input file (``FileNotFoundError``, ``BackboneFileError``), a checkpoint
+  (``CheckpointError``), the output location (``OutputError``: read-only, not a folder, no space left, the
+  file-size limit), the MLflow store (``TrackingError``, ``MlflowException``), the Ray cluster address.
 
 An exception class with an integer attribute ``exit_code`` gets that code, so new error types (a
 data-quality abort, an unsafe checkpoint) plug in without a change here.
@@ -41,7 +41,10 @@ _BY_CLASS: tuple[tuple[str, str, int], ...] = (
     ("distrib_face.train.checkpoint", "CheckpointError", EXIT_BAD_INPUT),
     ("distrib_face.tracking.mlflow_tracker", "TrackingError", EXIT_BAD_INPUT),
     ("mlflow.exceptions", "MlflowException", EXIT_BAD_INPUT),
-    ("distrib_face.train.loop", "NonFiniteLossError", EXIT_FAILED),
+    ("distrib_face.models.io", "BackboneFileError", EXIT_BAD_INPUT),
+    ("distrib_face.models.registry", "UnknownBackboneError", EXIT_BAD_INPUT),
+    ("distrib_face.train.trainer", "NonFiniteLossError", EXIT_FAILED),
+    ("distrib_face.train.loop", "NonFiniteLossError", EXIT_FAILED),  # before the Trainer (issue 12)
 )
 
 

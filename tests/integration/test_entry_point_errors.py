@@ -44,7 +44,8 @@ def _env() -> dict[str, str]:
 
 
 def _run(prog: str, tmp_path: Path, *sets: str, extra: tuple[str, ...] = (), file_size_limit: int | None = None,
-         wrap: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+         wrap: list[str] | None = None, env: dict[str, str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
     config = tmp_path / "config.yaml"
     cfg = {**CONFIG, "train": {**CONFIG["train"], "output_dir": str(tmp_path / "out")}}
     config.write_text(yaml.safe_dump(cfg))
@@ -54,8 +55,8 @@ def _run(prog: str, tmp_path: Path, *sets: str, extra: tuple[str, ...] = (), fil
         if file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run([*(wrap or []), *args], capture_output=True, text=True, timeout=timeout, env=_env(),
-                          cwd=tmp_path, preexec_fn=limit)
+    return subprocess.run([*(wrap or []), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**_env(), **(env or {})}, cwd=tmp_path, preexec_fn=limit)
 
 
 def _one_line(proc: subprocess.CompletedProcess, prog: str, code: int, *needles: str) -> str:
@@ -166,7 +167,9 @@ def test_full_disk_during_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("prog", ["distrib-face train", "launch/train.py"])
 def test_diverged_loss_is_a_training_failure(tmp_path, prog):
-    proc = _run(prog, tmp_path, "train.debug_nan_steps=[0,1,2,3]", "train.max_bad_steps=2")
+    from distrib_face.train.faults import ENV_VAR
+
+    proc = _run(prog, tmp_path, "train.max_bad_steps=2", env={ENV_VAR: '{"nan_micro_steps": [0, 1, 2, 3]}'})
     _last_line(proc, prog, 1, "non-finite", "train.max_bad_steps=2")
 
 

@@ -70,9 +70,11 @@ def two_node_cluster():
 
 
 SECRET = "Planted-api-key-6650"
+URI_SECRET = "Planted-uri-pw-3318"
 
 
-def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_cluster, reference_losses):
+def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_cluster, reference_losses,
+                                                           monkeypatch):
     import os
 
     import ray
@@ -84,8 +86,13 @@ def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_c
     node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(node_ids) == 2
 
-    # A secret the workers need (a DeepSpeed monitor's key; the monitor is off so nothing is sent).
-    cfg = _config(tmp_path, "two_nodes", deepspeed={"extra": {"comet": {"enabled": False, "api_key": SECRET}}})
+    # Ray Train records each run (its train_loop_config included) for the dashboard when state tracking is on.
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # Secrets the workers get: a DeepSpeed monitor's key (the monitor is off, nothing is sent) and a password
+    # in the tracking URI (tracking is off: never contacted). Ray's state keeps three levels of
+    # train_loop_config, so the URI's is the one it would show.
+    cfg = _config(tmp_path, "two_nodes", deepspeed={"extra": {"comet": {"enabled": False, "api_key": SECRET}}},
+                  tracking={"tracking_uri": f"http://alice:{URI_SECRET}@127.0.0.1:1"})
     with SocketWatch([os.getpid()]) as sockets:  # this driver, its raylets, agents and the Train workers
         result = launch_ray_training(Config.from_dict(cfg))
 
@@ -102,11 +109,12 @@ def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_c
     # of the cluster, the storage or the output folder holds the secret.
     runs = ray.get(get_state_actor().get_train_runs.remote())
     recorded = "".join(run.model_dump_json() for run in runs.values())
-    assert "[REDACTED]" in recorded and "iresnet_tiny" in recorded and SECRET not in recorded
+    assert "http://alice:[REDACTED]@127.0.0.1:1" in recorded and "iresnet_tiny" in recorded
+    assert SECRET not in recorded and URI_SECRET not in recorded
     roots = [Path(two_node_cluster.head_node.get_temp_dir_path()), Path(cfg["train"]["output_dir"])]
     files = [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_socket()]
     assert any(p.name.startswith("worker-") for p in files)  # the workers' captured output is among them
-    leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    leaks = [str(p) for p in files for secret in (SECRET, URI_SECRET) if secret.encode() in p.read_bytes()]
     assert not leaks, leaks
 
     # Every socket of the cluster, its workers and this driver is on loopback, but the TCPStore of rank 0.
