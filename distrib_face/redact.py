@@ -198,24 +198,26 @@ def split_secrets(obj: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[Pa
 
 
 def restore_secrets(redacted: Mapping[str, Any], secrets: Iterable[tuple[Path, Any]]) -> dict[str, Any]:
-    """The inverse of :func:`split_secrets`: a copy of ``redacted`` with the original values put back."""
-    out = _deep_copy(redacted)
+    """The inverse of :func:`split_secrets`: a copy of ``redacted`` with the original values put back (the
+    input is not modified; lists stay lists and tuples tuples)."""
+    out: Any = redacted
     for path, value in secrets:
-        if not path:
-            return value
-        node = out
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = value
-    return out
+        out = _put(out, path, value)
+    return dict(out) if out is redacted else out
 
 
-def _deep_copy(node: Any) -> Any:
+def _put(node: Any, path: Path, value: Any) -> Any:
+    """A copy of ``node`` with ``value`` at ``path`` (only the containers along the path are copied)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
     if isinstance(node, Mapping):
-        return {key: _deep_copy(value) for key, value in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_deep_copy(value) for value in node]
-    return node
+        copy = dict(node)
+        copy[key] = _put(node[key], rest, value)
+        return copy
+    items = list(node)
+    items[key] = _put(items[key], rest, value)
+    return type(node)(items) if isinstance(node, tuple) else items
 
 
 _installed = False

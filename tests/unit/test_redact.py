@@ -77,8 +77,12 @@ def test_split_and_restore_round_trip():
         ("tracking", "tracking_uri"), ("deepspeed", "extra", "comet", "api_key"), ("deepspeed", "extra", "upload_token"),
         ("loss", "options", "credentials"), ("data", "shards", 1),
     }
+    before = json.dumps(redacted)
     assert restore_secrets(redacted, secrets) == CONFIG
+    assert json.dumps(redacted) == before  # the redacted copy is left as it was
     assert restore_secrets(redacted, []) == redacted and restore_secrets(redacted, []) is not redacted
+    with_tuple = {"hosts": ("plain", "https://u:Pw-tuple-55@h")}
+    assert restore_secrets(*split_secrets(with_tuple)) == with_tuple
 
 
 def test_log_records_are_redacted_whatever_handler_prints_them():
