@@ -9,12 +9,11 @@ dependencies lazily, so ``distrib-face --help`` stays fast.
 
 Errors. A wrong input -- a missing path, a file of the wrong kind, a bad config value -- ends the command
 with one line on stderr, ``distrib-face: error: <what, naming the path or field>``, and exit code 2 (the
-prefix and code argparse uses for a bad command line). Handlers raise :class:`CommandError` for what they
-check themselves; :func:`main` turns the project's input errors (``ConfigError``, ``BackboneFileError``,
-``ExportSourceError``, ``PackError``, ``TrackingError``, ``OutputError``) and missing / unreadable files
-(``FileNotFoundError``, ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``,
-``FileExistsError``) into that line. Anything else is a bug and keeps its traceback. ``--log-level DEBUG``
-also logs the traceback of an input error.
+prefix and code argparse uses for a bad command line); a failed training exits 1. Handlers raise
+:class:`CommandError` for what they check themselves; :func:`main` hands every exception to
+:func:`distrib_face.cli.errors.report`, the one table of exit codes that ``launch/train.py`` and
+``launch/ray_job.py`` share. Anything that is not a documented fault is a bug and keeps its traceback;
+``--log-level DEBUG`` prints the traceback of every error.
 """
 
 from __future__ import annotations
@@ -44,33 +43,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "distrib_face.cli.config",
 )
 
-# Input errors of the packages, by (module, class): looked up only in modules already imported (an error of
-# a module that was never imported cannot have been raised), so that the entry point imports nothing heavy.
-_PROJECT_INPUT_ERRORS: tuple[tuple[str, str], ...] = (
-    ("distrib_face.config", "ConfigError"),
-    ("distrib_face.models.io", "BackboneFileError"),
-    ("distrib_face.export.exporter", "ExportSourceError"),
-    ("distrib_face.data.pack", "PackError"),
-    ("distrib_face.tracking.mlflow_tracker", "TrackingError"),
-    ("distrib_face.atomic", "OutputError"),
-)
-_OS_INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
-)
-
-
 class CommandError(Exception):
     """A wrong input the user can fix: :func:`main` prints it as one ``distrib-face: error:`` line, exit 2."""
 
-
-def input_error_types() -> tuple[type[BaseException], ...]:
-    """The exception types :func:`main` reports as one line with exit code 2."""
-    types: list[type[BaseException]] = [CommandError, *_OS_INPUT_ERRORS]
-    for module_name, class_name in _PROJECT_INPUT_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(getattr(module, class_name, None), type):
-            types.append(getattr(module, class_name))
-    return tuple(types)
+    exit_code = EXIT_INPUT_ERROR
 
 
 def one_line(err: BaseException) -> str:
@@ -111,22 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: str) -> None:
+    """Logging of every entry point: ``level`` (a name; unknown names mean INFO) to stderr, Python warnings
+    through logging, and every record passed through the secret redaction
+    (:func:`distrib_face.tracking.install_log_redaction`)."""
+    from distrib_face.redact import install_log_redaction
+
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.captureWarnings(True)
+    install_log_redaction()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; returns its exit code (2 for a wrong input, see above)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
-    except Exception as err:  # noqa: BLE001 - only input errors are caught; the rest is re-raised below
-        if not isinstance(err, input_error_types()):
-            raise
-        logger.debug("input error", exc_info=True)
-        report_error(one_line(err))
-        return EXIT_INPUT_ERROR
+    except Exception as err:  # noqa: BLE001 - every error becomes one line and a documented code (cli/errors.py)
+        from distrib_face.cli.errors import report
+
+        return report(parser.prog, err)
 
 
 if __name__ == "__main__":

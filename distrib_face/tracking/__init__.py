@@ -16,9 +16,10 @@ MLflow is imported only when a real tracker is created.
 
 from __future__ import annotations
 
+from distrib_face.redact import install_log_redaction, is_secret_key, redact, redact_text
 from distrib_face.tracking.base import STOPPED_EARLY_STATUS, NoOpTracker, Tracker
 from distrib_face.tracking.naming import dataset_name, default_run_name, run_name_for
-from distrib_face.tracking.params import flatten_params, is_secret_key, redact
+from distrib_face.tracking.params import flatten_params
 from distrib_face.tracking.plots import (
     class_size_histogram,
     plot_class_histogram,
@@ -35,11 +36,13 @@ __all__ = [
     "dataset_name",
     "default_run_name",
     "flatten_params",
+    "install_log_redaction",
     "is_secret_key",
     "plot_class_histogram",
     "plot_loss_curve",
     "plot_training_curves",
     "redact",
+    "redact_text",
     "run_name_for",
 ]
 

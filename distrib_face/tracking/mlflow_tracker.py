@@ -20,14 +20,8 @@ from urllib.parse import urlparse
 
 from distrib_face.tracking.base import END_STATUSES, STOPPED_EARLY_STATUS, PathLike, Tracker
 from distrib_face.tracking.environment import environment_tags
-from distrib_face.tracking.params import (
-    MAX_TAG_VALUE_LENGTH,
-    flatten_params,
-    redact,
-    redact_value,
-    stringify,
-    truncate,
-)
+from distrib_face.tracking.params import MAX_TAG_VALUE_LENGTH, flatten_params, stringify, truncate
+from distrib_face.redact import redact, redact_value
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +29,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 #: Folder (beside the sqlite database) for artifacts when no ``artifact_location`` is given.
 DEFAULT_ARTIFACT_DIRNAME = "mlartifacts"
+
+#: Seconds :func:`check_tracking_store` waits for an MLflow server's ``/health`` before calling it unreachable.
+HEALTH_TIMEOUT_S = 10.0
 
 #: Seconds to wait before sending metrics again after the store refused them.
 METRIC_RETRY_INTERVAL_S = 60.0
@@ -47,7 +44,18 @@ _METRICS_PER_BATCH = 1000
 
 
 class TrackingError(RuntimeError):
-    """The tracking backend refused something the tracker needs (unknown run id, bad URI, ...)."""
+    """The tracking backend refused something the tracker needs (unknown run id, bad URI, unwritable store).
+
+    The message is one line and names the store (its URI with any password masked).
+    """
+
+    #: The entry points' exit code: the store is the user's to fix (docs/training.md).
+    exit_code = 2
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -65,9 +73,64 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
         if not db_path.is_absolute():
             db_path = Path.cwd() / db_path
         db_path = db_path.resolve()
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrackingError(
+                f"MLflow tracking store {uri}: cannot create the folder {db_path.parent}: "
+                f"{error.strerror or _first_line(error)}"
+            ) from error
         uri = f"sqlite:///{db_path.as_posix()}{sep}{query}"
     return uri
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """Fail fast, with one line naming the store, when it cannot work; else return.
+
+    MLflow itself retries an unusable store for minutes (a sqlite file it cannot open: ~100 s of engine
+    retries; an unreachable server: up to 7 request retries with exponential back-off) before raising a
+    multi-line error. Checked here instead, in well under a second:
+
+    - ``sqlite:///PATH``: the database's folder must accept a new file (sqlite writes its journal beside
+      the database) and an existing database file must open for writing;
+    - ``http(s)://``: the server must accept a connection (``GET /health``; any HTTP status counts as
+      reachable, so a server behind an authenticating proxy passes).
+
+    Other schemes are left to MLflow.
+
+    Raises:
+        TrackingError: naming the URI (password masked) and the reason.
+    """
+    import tempfile
+
+    shown = redact_value(tracking_uri)
+    db_path = sqlite_database_path(tracking_uri)
+    if db_path is not None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".mlflow_probe_", dir=db_path.parent)
+            os.close(fd)
+            os.unlink(probe)
+            if db_path.exists():
+                with open(db_path, "ab"):
+                    pass
+        except OSError as error:
+            where = error.filename or db_path.parent
+            raise TrackingError(
+                f"MLflow tracking store {shown}: cannot write {where}: {error.strerror or _first_line(error)}"
+            ) from error
+        return
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(tracking_uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S)
+        except requests.RequestException as error:
+            reason = type(error).__name__
+            if isinstance(error, requests.ConnectionError):
+                reason = "connection refused or host unreachable"
+            elif isinstance(error, requests.Timeout):
+                reason = f"no answer in {HEALTH_TIMEOUT_S:.0f} s"
+            raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}") from error
 
 
 def sqlite_database_path(tracking_uri: str) -> Path | None:
@@ -133,6 +196,25 @@ def fluent_mlflow_state(
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def _no_printed_run_url() -> Iterator[None]:
+    """Keep MLflow from writing "View run NAME at: URL" to stdout when a run ends.
+
+    ``MlflowClient.set_terminated`` prints that line itself (``sys.stdout.write``, past any logging), and its
+    URL is the tracking URI as given, credentials included. The tracker logs its own line, redacted.
+    """
+    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    saved = os.environ.get(name)
+    os.environ[name] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def onnx_signature(onnx_model: Any) -> Any:
     """The MLflow ``ModelSignature`` of an ONNX graph: its named inputs/outputs with dtype and shape.
 
@@ -187,9 +269,23 @@ class MLflowTracker(Tracker):
         artifact_location: str | None = None,
         resumed: bool | None = None,
     ) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_store(self.tracking_uri)
+        try:
+            self._start(experiment, run_id, run_name, artifact_location, resumed)
+        except TrackingError:
+            raise
+        except Exception as error:  # whatever MLflow or its database driver raise: one line naming the store
+            raise TrackingError(
+                f"MLflow tracking store {redact_value(self.tracking_uri)}: cannot start the run: {_first_line(error)}"
+            ) from error
+        self.set_tags(environment_tags())
+
+    def _start(self, experiment: str, run_id: str | None, run_name: str | None, artifact_location: str | None,
+               resumed: bool | None) -> None:
+        """Open the client and create (or continue) the run; the constructor turns failures into one line."""
         from mlflow import MlflowClient
 
-        self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name = experiment
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
         self._ended = False
@@ -217,7 +313,7 @@ class MLflowTracker(Tracker):
         self._run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.artifact_uri: str = run.info.artifact_uri
-        self.set_tags(environment_tags())
+        self._run_name: str = run.info.run_name
 
     # -- run lifecycle -----------------------------------------------------------------------------------
     def _open_existing(self, run_id: str, resumed: bool | None) -> tuple[Any, bool]:
@@ -228,7 +324,7 @@ class MLflowTracker(Tracker):
             run = self._client.get_run(run_id)
         except MlflowException as error:
             raise TrackingError(
-                f"cannot continue MLflow run {run_id!r}: not found at {redact_value(self.tracking_uri)} ({error})"
+                f"cannot continue MLflow run {run_id!r}: not found at {redact_value(self.tracking_uri)} ({_first_line(error)})"
             ) from error
         if resumed is None:
             resumed = bool(run.data.params or run.data.metrics)
@@ -253,7 +349,7 @@ class MLflowTracker(Tracker):
                 experiment = self._client.get_experiment_by_name(name)
                 if experiment is None:
                     raise TrackingError(
-                        f"cannot create MLflow experiment {name!r} at {redact_value(self.tracking_uri)}: {error}"
+                        f"cannot create MLflow experiment {name!r} at {redact_value(self.tracking_uri)}: {_first_line(error)}"
                     ) from error
         if experiment.lifecycle_stage == "deleted":
             logger.warning("MLflow experiment %r was deleted; restoring it", name)
@@ -301,9 +397,14 @@ class MLflowTracker(Tracker):
             logger.warning("MLflow: %d metrics could not be logged before the run ended", len(self._pending_metrics))
         if status == STOPPED_EARLY_STATUS and self._last_step is not None:
             self.set_tags({"stopped_at_step": self._last_step})
-        self._client.set_terminated(self._run_id, status=status)
+        with _no_printed_run_url():
+            self._client.set_terminated(self._run_id, status=status)
         self._ended = True
         logger.info("MLflow: run %s ended %s", self._run_id, status)
+        if _is_remote(self.tracking_uri):
+            base = redact_value(self.tracking_uri).rstrip("/")
+            logger.info("MLflow: view run %s at %s/#/experiments/%s/runs/%s", self._run_name, base,
+                        self.experiment_id, self._run_id)
 
     # -- params, metrics, tags ---------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:

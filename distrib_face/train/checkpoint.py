@@ -5,9 +5,9 @@ Layout of ``<output_dir>/checkpoints/``::
     latest                      # text: the name of the newest complete checkpoint (replaced atomically)
     step_000000120/
         trainer.json            # step, micro-step, epoch, samples seen, world size, MLflow run id, loss history,
-                                # the LR schedule's step, the config (also as config.yaml)
+                                # the LR schedule's step, the config (also as config.yaml), secrets redacted
         config.yaml
-        deepspeed_config.json   # the resolved DeepSpeed config the engine ran with
+        deepspeed_config.json   # the resolved DeepSpeed config the engine ran with, secrets redacted
         backbone.pt             # the consolidated fp32 backbone (distrib_face.models.save_backbone format)
         deepspeed/engine/...    # engine.save_checkpoint: module, backbone optimiser (ZeRO partitions per rank)
         classifier/classifier-RRRRR-of-WWWWW.pt   # class shards + ShardOptimizer state (parallel.checkpoint)
@@ -196,9 +196,13 @@ def save_checkpoint(
             save_backbone(tmp / "backbone.pt", module, name, kwargs)
         import yaml
 
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (tmp / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True))
-        payload = {"format": FORMAT, "version": VERSION, **asdict(trainer_state), "config": config}
+        from distrib_face.redact import redact
+
+        # The config travels with the checkpoint (Ray uploads it, people copy it): never its secrets. Resuming
+        # reads only the counters; the run's own config (with its secrets) comes from the YAML.
+        (tmp / "config.yaml").write_text(yaml.safe_dump(redact(config), sort_keys=False))
+        (tmp / "deepspeed_config.json").write_text(json.dumps(redact(ds_config), indent=2, sort_keys=True))
+        payload = {"format": FORMAT, "version": VERSION, **asdict(trainer_state), "config": redact(config)}
         (tmp / TRAINER_FILE).write_text(json.dumps(payload, indent=1))
     barrier(ctx.group)
     if ctx.rank == 0:

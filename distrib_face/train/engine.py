@@ -151,6 +151,11 @@ def build_engine(cfg: Config, backbone: nn.Module, lr: float, device: torch.devi
     ds_config = deepspeed_config(cfg, world_size)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
     del ds_optimizer  # the engine steps it; we set learning rates on the torch optimiser's param groups
+    # DeepSpeed writes engine.config (the raw dict) into every checkpoint's model states; by now it has
+    # parsed it (monitors built), so the copy it keeps can lose the secrets of deepspeed.extra.
+    from distrib_face.redact import redact
+
+    engine.config = redact(ds_config)
     return EngineBundle(engine=engine, optimizer=optimizer, ds_config=ds_config, input_dtype=parse_dtype(cfg.deepspeed.precision))
 
 
@@ -194,8 +199,9 @@ def backbone_state_dict_fp32(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]
 
 
 def save_ds_config(path: str | os.PathLike, ds_config: dict[str, Any]) -> Path:
-    """Write the resolved DeepSpeed config as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds_config, indent=2, sort_keys=True))
-    return path
+    """Write the resolved DeepSpeed config as JSON (atomically), secrets redacted (``deepspeed.extra`` may
+    hold e.g. a monitor's ``api_key``): the file is also an MLflow artifact."""
+    from distrib_face.atomic import write_text
+    from distrib_face.redact import redact
+
+    return write_text(path, json.dumps(redact(ds_config), indent=2, sort_keys=True))

@@ -208,11 +208,18 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray
     import ray.train
 
+    from distrib_face.atomic import explain_write_failure
     from distrib_face.config import Config
     from distrib_face.parallel import init_distributed
+    from distrib_face.redact import install_log_redaction, restore_secrets
     from distrib_face.train import run_training
 
-    cfg = Config.from_dict(loop_config["config"])
+    # The config came redacted (Ray records train_loop_config in its dashboard state); its secrets come
+    # through the object store.
+    secrets = ray.get(loop_config["secrets"]) if loop_config.get("secrets") is not None else []
+    config = restore_secrets(loop_config["config"], secrets)
+    install_log_redaction(config)  # DeepSpeed prints its config in this process, Ray forwards worker logs
+    cfg = Config.from_dict(config)
     fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
     ctx = init_distributed(device=cfg.device)
     placement = {
@@ -220,17 +227,28 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        # The process group's TCPStore: rank 0 listens on MASTER_PORT, on every interface (docs/ray.md).
+        "master_addr": os.environ.get("MASTER_ADDR"),
+        "master_port": int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None,
     }
     workers = _all_gather_json(placement, ctx)
     checkpoint = ray.train.get_checkpoint()
     reporter = RayReporter(ctx, fault)
-    if checkpoint is None:
-        summary = run_training(cfg, ctx, reporter=reporter, resume_from=None)
-    else:
-        # Local storage: the merged folder itself; remote storage: a download, deleted afterwards.
-        with checkpoint.as_directory() as resume_dir:
-            logger.info("rank %d resumes from %s", ctx.rank, checkpoint.path)
-            summary = run_training(cfg, ctx, reporter=reporter, resume_from=resume_dir)
+    try:
+        if checkpoint is None:
+            summary = run_training(cfg, ctx, reporter=reporter, resume_from=None)
+        else:
+            # Local storage: the merged folder itself; remote storage: a download, deleted afterwards.
+            with checkpoint.as_directory() as resume_dir:
+                logger.info("rank %d resumes from %s", ctx.rank, checkpoint.path)
+                summary = run_training(cfg, ctx, reporter=reporter, resume_from=resume_dir)
+    except Exception as err:
+        # A full disk or the file-size limit on this node becomes an OutputError naming the path (torch.save
+        # says only "unexpected pos"); the driver maps it to its exit code.
+        explained = explain_write_failure(err, cfg.train.output_dir)
+        if explained is err:
+            raise
+        raise explained from err
     return {**dict(summary or {}), "workers": workers, "ray_resumed_from": checkpoint.path if checkpoint else None}
 
 
@@ -307,6 +325,7 @@ def _open_mlflow_run(cfg: "Config", experiment_path: str) -> tuple["Config", Any
         return cfg, None
     import ray
 
+    from distrib_face.redact import redact_text
     from distrib_face.tracking import create_tracker, run_name_for
     from distrib_face.tracking.environment import ray_job_tags
 
@@ -324,7 +343,8 @@ def _open_mlflow_run(cfg: "Config", experiment_path: str) -> tuple["Config", Any
     if ray.is_initialized():
         tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
     tracker.set_tags(tags)
-    _write_run_info(experiment_path, {"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.tracking_uri})
+    _write_run_info(experiment_path, {"mlflow_run_id": tracker.run_id,
+                                      "tracking_uri": redact_text(cfg.tracking.tracking_uri)})
     logger.info("MLflow run %s (%s)", tracker.run_id, "continued" if run_id else "new")
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=tracker.run_id)), tracker
 
@@ -367,9 +387,9 @@ def launch_ray_training(
 
     Returns:
         The ``ray.train.Result``: ``metrics`` (rank 0's last report), ``checkpoint`` (the last one),
-        ``return_value`` (rank 0's summary from ``run_training`` plus ``workers``: rank, node id, host and
-        pid of every worker, and ``ray_resumed_from``: the Ray checkpoint this worker group started from, or
-        ``None``) and ``path``.
+        ``return_value`` (rank 0's summary from ``run_training`` plus ``workers``: rank, node id, host,
+        pid, ``master_addr`` and ``master_port`` of every worker, and ``ray_resumed_from``: the Ray
+        checkpoint this worker group started from, or ``None``) and ``path``.
 
     Raises:
         ray.train.TrainingFailedError: the job failed more than ``cfg.ray.max_failures`` times (the MLflow
@@ -386,9 +406,18 @@ def launch_ray_training(
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
+    import ray
+
+    from distrib_face.redact import split_secrets
+
+    # Ray Train records train_loop_config (the dashboard's run state): it gets the config redacted, and the
+    # secrets go to the workers as an object in the object store (owned by this driver, so it outlives
+    # worker-group restarts).
+    config, secrets = split_secrets(cfg.to_dict())
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": cfg.to_dict(), "fault": dataclasses.asdict(fault) if fault else None},
+        train_loop_config={"config": config, "secrets": ray.put(secrets) if secrets else None,
+                           "fault": dataclasses.asdict(fault) if fault else None},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
