@@ -80,8 +80,12 @@ class DataConfig:
     """Draw shards with replacement (an endless stream) instead of epochs over the shard list."""
     max_skip_fraction: float = 0.01
     """Stop training (``DataQualityError``, naming the worst shard) once more than this fraction of the
-    samples read had to be skipped (bad images, bad labels, lost shard samples); checked after the first
-    1000 samples of each rank, over the whole run. 0 tolerates nothing, 1 never stops."""
+    samples read had to be skipped (bad images, bad labels, lost shard samples); checked once
+    ``data.skip_check_after`` samples were read, over the whole run (all ranks together when there are
+    several, at every log step). 0 tolerates nothing, 1 never stops."""
+    skip_check_after: int = 1000
+    """Samples read (per rank in a world of 1, over all ranks otherwise) before ``data.max_skip_fraction`` is
+    checked, so that one bad image among the first few does not stop a run."""
     allow_missing_shards: bool = False
     """Train without the shards the manifest names but that are missing (said once in the log). Off: a
     missing shard is an error naming it."""
@@ -102,6 +106,7 @@ class DataConfig:
             _fail("data.image_size", "must be in [16, 1024]", self.image_size)
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             _fail("data.max_skip_fraction", "must be in [0, 1]", self.max_skip_fraction)
+        _check_non_negative("data.skip_check_after", self.skip_check_after)
         if isinstance(self.max_image_pixels, bool) or not self.max_image_pixels >= self.image_size ** 2:
             _fail("data.max_image_pixels", f"must be an integer >= data.image_size**2 = {self.image_size ** 2}",
                   self.max_image_pixels)

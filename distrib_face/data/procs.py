@@ -44,7 +44,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 class WorkerError(RuntimeError):
-    """A worker process crashed, died or got stuck (the message names it); never a problem of one sample."""
+    """A worker process crashed, died or got stuck (the message names it); never a problem of one sample.
+
+    Exit code 1 at the entry points: a training failure."""
+
+    exit_code = 1
 
 
 def start_method() -> str:

@@ -36,11 +36,19 @@ VECTOR_KEYS: tuple[str, ...] = (
 
 
 class DataQualityError(RuntimeError):
-    """Too many samples had to be skipped: the data is broken beyond ``data.max_skip_fraction``."""
+    """Too many samples had to be skipped: the data is broken beyond ``data.max_skip_fraction``.
+
+    Exit code 2 at the entry points: the input is what the user must fix (``distrib-face data verify``)."""
+
+    exit_code = 2
 
 
 class DaliFallbackError(RuntimeError):
-    """DALI failed on more batches than a small fraction for no fault in the data; the message is DALI's own."""
+    """DALI failed on more batches than a small fraction for no fault in the data; the message is DALI's own.
+
+    Exit code 1: a training failure, not the user's input."""
+
+    exit_code = 1
 
 
 @dataclass

@@ -93,7 +93,9 @@ class RawSample(NamedTuple):
 
 
 class ShardError(OSError):
-    """A shard named by the manifest cannot be opened (and ``allow_missing_shards`` is off)."""
+    """A shard named by the manifest cannot be opened (and ``allow_missing_shards`` is off); exit code 2."""
+
+    exit_code = 2
 
 
 class TarCut(EOFError):

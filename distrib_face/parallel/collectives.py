@@ -7,6 +7,7 @@ Every function takes ``group`` (``None``: the default group) and degrades to the
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -205,3 +206,21 @@ def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = N
     holder = [obj]
     dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> list[Any]:
+    """Every rank's JSON-able ``obj``, in rank order (two small all-gathers; ``[obj]`` in a world of 1).
+
+    JSON, not pickle: what comes back is data, whatever another process sent. ``device`` is where the bytes
+    travel (the CPU for gloo, the rank's GPU for NCCL).
+    """
+    if world_size_of(group) == 1:
+        return [obj]
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    sizes = gather_sizes(payload.numel(), group, payload.device)
+    everyone = all_gather_variable(payload, group).cpu().numpy().tobytes()
+    out, start = [], 0
+    for size in sizes:
+        out.append(json.loads(everyone[start:start + size].decode()))
+        start += size
+    return out

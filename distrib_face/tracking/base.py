@@ -107,11 +107,6 @@ class Tracker(abc.ABC):
         """
 
     @abc.abstractmethod
-    def log_skipped_samples(self, counts: Mapping[str, int], step: int) -> None:
-        """Log how many samples were skipped for each reason as metrics ``data/skipped/<reason>`` and
-        ``data/skipped/total`` at ``step`` (counts since the start of the run, not per interval)."""
-
-    @abc.abstractmethod
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run terminated with ``status`` (one of :data:`END_STATUSES`); later calls do nothing.
 
@@ -174,9 +169,6 @@ class NoOpTracker(Tracker):
         return {}
 
     def log_training_data(self, manifest: Any, name: str | None = None, context: str = "training") -> str | None:
-        return None
-
-    def log_skipped_samples(self, counts: Mapping[str, int], step: int) -> None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:

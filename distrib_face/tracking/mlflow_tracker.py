@@ -635,17 +635,6 @@ class MLflowTracker(Tracker):
                        "data.num_samples": manifest.num_samples})
         return dataset.digest
 
-    def log_skipped_samples(self, counts: Mapping[str, int], step: int) -> None:
-        """See :meth:`Tracker.log_skipped_samples`; reasons are cleaned to MLflow's metric-name characters."""
-        metrics: dict[str, int] = {}
-        for reason, count in counts.items():
-            value = int(count)
-            if value < 0 or value != count:
-                raise ValueError(f"skipped-sample count for {reason!r} must be a non-negative integer, got {count!r}")
-            metrics[f"data/skipped/{_metric_name(str(reason))}"] = value
-        metrics["data/skipped/total"] = sum(metrics.values())
-        self.log_metrics(metrics, step)
-
 
 #: The file name MLflow's ONNX flavour gives the model inside the logged model folder.
 MLFLOW_ONNX_FILENAME = "model.onnx"

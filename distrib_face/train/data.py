@@ -148,13 +148,16 @@ def build_train_data(cfg: Config, rank: int, world_size: int, device: torch.devi
     from distrib_face.data import build_loader, read_manifest
 
     manifest = read_manifest(data.shards)
-    # labels outside [0, manifest.num_classes) are dropped by the readers (counted as label_out_of_range),
-    # so the classifier never sees one; loader.counts holds what was skipped (see distrib_face.data.quality)
+    # Labels outside [0, manifest.num_classes) are dropped by the readers (counted as label_out_of_range), so
+    # the classifier never sees one; loader.counts holds what was skipped (see distrib_face.data.quality).
+    # With several ranks the skip fraction is checked by the trainer on the counts of all ranks (every rank
+    # then stops together instead of one rank leaving the others in a collective), not by each loader.
     loader = build_loader(
         data.shards, batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=cfg.train.seed, epoch=epoch, decoder=data.decoder, device=str(device), dtype=torch.float32,
         augment=data.augment, rebalance=data.rebalance, resampled=data.resampled, drop_last=True,
-        dali_threads=data.dali_threads, image_size=data.image_size, max_skip_fraction=data.max_skip_fraction,
+        dali_threads=data.dali_threads, image_size=data.image_size, max_skip_fraction=data.max_skip_fraction if world_size == 1 else 1.0,
+        skip_check_after=data.skip_check_after,
         allow_missing_shards=data.allow_missing_shards, max_image_pixels=data.max_image_pixels,
     )
     if len(loader) == 0:

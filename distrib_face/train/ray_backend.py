@@ -151,24 +151,6 @@ def _list_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def _all_gather_json(obj: Any, ctx: "ProcessContext") -> list[Any]:
-    """Every rank's JSON-able ``obj``, in rank order (two small all-gathers; a list of one in a world of 1)."""
-    if ctx.world_size == 1:
-        return [obj]
-    import torch
-
-    from distrib_face.parallel.collectives import all_gather_variable, gather_sizes
-
-    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(ctx.device)
-    sizes = gather_sizes(payload.numel(), ctx.group, ctx.device)
-    everyone = all_gather_variable(payload, ctx.group).cpu().numpy().tobytes()
-    out, start = [], 0
-    for size in sizes:
-        out.append(json.loads(everyone[start : start + size].decode()))
-        start += size
-    return out
-
-
 def _stage_own_files(checkpoint_dir: Path | None, ctx: "ProcessContext") -> Path | None:
     """The folder this rank should report: the files of ``checkpoint_dir`` no lower rank also sees.
 
@@ -180,7 +162,9 @@ def _stage_own_files(checkpoint_dir: Path | None, ctx: "ProcessContext") -> Path
     if checkpoint_dir is not None and not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"reported checkpoint folder {checkpoint_dir} does not exist on rank {ctx.rank}")
     mine = _list_files(checkpoint_dir) if checkpoint_dir is not None else None
-    everyone = _all_gather_json(mine, ctx)
+    from distrib_face.parallel.collectives import all_gather_json
+
+    everyone = all_gather_json(mine, ctx.group, ctx.device)
     if mine is None:
         return None
     seen_below: set[str] = set()
@@ -231,7 +215,9 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "master_addr": os.environ.get("MASTER_ADDR"),
         "master_port": int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None,
     }
-    workers = _all_gather_json(placement, ctx)
+    from distrib_face.parallel.collectives import all_gather_json
+
+    workers = all_gather_json(placement, ctx.group, ctx.device)
     checkpoint = ray.train.get_checkpoint()
     reporter = RayReporter(ctx, fault)
     try:

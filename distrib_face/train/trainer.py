@@ -33,7 +33,7 @@ import torch
 
 from distrib_face.config import Config
 from distrib_face.parallel import ProcessContext
-from distrib_face.parallel.collectives import broadcast_object
+from distrib_face.parallel.collectives import all_gather_json, all_reduce_tensor, broadcast_object
 from distrib_face.parallel.metrics import MetricAggregator
 from distrib_face.tracking import STOPPED_EARLY_STATUS
 from distrib_face.train.checkpoint import (
@@ -198,6 +198,7 @@ class Trainer:
         self.run_images, self.run_seconds = 0, 0.0
         self._window_images, self._window_seconds = 0, 0.0
         self.last_loss = float("nan")
+        self.data_note = ""  # what the readers skipped so far, for the progress line ("" when nothing)
         self.verification_before: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------------------- set-up
@@ -263,7 +264,7 @@ class Trainer:
             self.parts.classifier.train()
             while self.state.step < self.stop_at:
                 metrics = self.train_step()
-                self.progress.step(self.state.step, metrics)
+                self.progress.step(self.state.step, metrics, note=self.data_note)
                 if self.verifier.should_eval(self.state.step):
                     self._verify("during training")
                 saved = self.checkpointer.maybe_save(self.state, self.stop_at)
@@ -314,6 +315,10 @@ class Trainer:
         self._window_images, self._window_seconds = 0, 0.0
         if grad_norm is not None and math.isfinite(grad_norm):
             metrics["grad_norm"] = grad_norm
+        data_counts = self._data_counts()
+        if data_counts is not None:
+            metrics.update(data_counts.metrics())
+            self.data_note = data_counts.progress_text()
         parts.tracker.log_metrics(metrics, step=state.step)
         state.loss_history.append([state.step, metrics["loss"]])
         return metrics
@@ -344,6 +349,32 @@ class Trainer:
                     f"a row (train.max_bad_steps={cfg.train.max_bad_steps}); lower optim.lr, set optim.grad_clip, "
                     "check the data, or use deepspeed.precision fp32/bf16"
                 )
+
+    def _data_counts(self) -> Any:
+        """What the readers of all ranks skipped and repaired so far (``DataCounts``), or None without shards.
+
+        Collective (one all-reduce of a few integers), at log steps only. Above ``data.max_skip_fraction`` every
+        rank raises the same :class:`~distrib_face.data.quality.DataQualityError`, naming the worst shard of
+        all ranks (their per-shard counts are gathered only then).
+        """
+        counts = getattr(self.parts.data.loader, "counts", None)
+        if counts is None:
+            return None
+        from distrib_face.data.quality import DataCounts, check_skip_fraction
+
+        if self.ctx.world_size == 1:
+            return counts  # the loader checks its own fraction
+        summed = all_reduce_tensor(torch.tensor(counts.vector(), dtype=torch.float64, device=self.ctx.device),
+                                   "sum", self.ctx.group)
+        total = DataCounts.from_vector(summed.cpu().tolist())
+        limit, after = self.cfg.data.max_skip_fraction, self.cfg.data.skip_check_after
+        try:
+            check_skip_fraction(total, limit, after)
+        except Exception:  # noqa: BLE001 - the same verdict on every rank: gather the shard counts, re-raise
+            everyone = all_gather_json(counts.to_dict(), self.ctx.group, self.ctx.device)
+            check_skip_fraction(DataCounts.merged(everyone), limit, after, where="all ranks: ")
+            raise
+        return total
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch; at the end of an epoch the loader moves to the next one by itself."""
@@ -408,6 +439,12 @@ class Trainer:
             "output_dir": str(self.output_dir), "mlflow_run_id": state.run_id,
             "resumed_from": str(self.resume_path) if self.resume_path else None, "world_size": ctx.world_size,
         }
+        counts = getattr(parts.data.loader, "counts", None)
+        if counts is not None:  # what the readers of every rank skipped and repaired (docs/faults.md)
+            from distrib_face.data.quality import DataCounts
+
+            everyone = all_gather_json(counts.to_dict(), ctx.group, ctx.device)
+            summary["data"] = DataCounts.merged(everyone).to_dict()
         if ctx.is_main:
             parts.tracker.log_dict(_json_safe(summary), "summary.json")
         if self.reporter is not None:
