@@ -108,16 +108,16 @@ def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     The interpreter truncates float32 -> bfloat16; there the rounding is done on the bits first
     (add half an ulp of bf16, ties to even, then drop the low half: the truncation is then exact).
     """
-    if x.dtype == DTYPE:
-        return x
-    elif DTYPE == tl.float32:
-        return x.to(tl.float32)
-    elif INTERPRET and DTYPE == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    if DTYPE == tl.float32:
+        y = x.to(tl.float32)
     else:
-        return x.to(DTYPE)
+        if INTERPRET and DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)  # idempotent on values already in bf16
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            y = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            y = x.to(DTYPE)
+    return y
 
 
 @triton.jit
@@ -283,6 +283,8 @@ INTERPRETED = _is_interpreted(_forward_kernel)
 # autotuner times each once per (B, D, dtype) and skips those that run out of resources. Untuned on
 # real hardware so far: tests/gpu/run.sh records which one wins. DISTRIB_FACE_TRITON_AUTOTUNE=0 takes
 # the first (the most conservative) without timing.
+# Register budget: the backward kernels keep a [rows, D] float32 accumulator, 64 registers a thread at
+# D = 512 when rows = 4 x num_warps; the forward only a [BLOCK_B, BLOCK_C] tile.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_B": 128, "BLOCK_C": 64}, num_warps=8, num_stages=3),
@@ -290,16 +292,16 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK_B": 256, "BLOCK_C": 64}, num_warps=8, num_stages=3),
 ]
 _BWD_E_CONFIGS = [
-    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_B": 64, "BLOCK_C": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 128, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 16, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 32}, num_warps=16, num_stages=2),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=16, num_stages=2),
 ]
 _BWD_W_CONFIGS = [
-    triton.Config({"BLOCK_B": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 16}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_B": 64, "BLOCK_C": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_B": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 128, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 64}, num_warps=16, num_stages=2),
 ]
 
 
@@ -314,6 +316,16 @@ def _tuned(kernel: Any, configs: list[Any]) -> Any:
 _forward_tuned = _tuned(_forward_kernel, _FWD_CONFIGS)
 _grad_embedding_tuned = _tuned(_grad_embedding_kernel, _BWD_E_CONFIGS)
 _grad_weight_tuned = _tuned(_grad_weight_kernel, _BWD_W_CONFIGS)
+
+
+def chosen_configs() -> dict[str, str]:
+    """The tile configuration the autotuner picked per kernel and (B, D, dtypes) key, for reports."""
+    out = {}
+    for name, kernel in (("forward", _forward_tuned), ("grad_embedding", _grad_embedding_tuned),
+                         ("grad_weight", _grad_weight_tuned)):
+        cache = getattr(kernel, "cache", None) or {}
+        out[name] = "; ".join(f"{key}: {config}" for key, config in cache.items()) or "not tuned (yet)"
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
