@@ -347,8 +347,6 @@ class TrainConfig:
     for time-sliced jobs and resume tests."""
     export_onnx: bool = True
     """Export the final backbone to ONNX (and log it to MLflow)."""
-    debug_nan_steps: list[int] = field(default_factory=list)
-    """Test hook: make the loss NaN at these micro-steps (0-based count of batches drawn)."""
 
     def __post_init__(self) -> None:
         if (self.total_steps is None) == (self.epochs is None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     s.add_argument("--image-size", type=int, default=112)
     s.add_argument("--samples-per-shard", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes rendering shards (default: CPU count); the output does not depend on it")
     s.set_defaults(func=_synth)
 
     st = groups["data"].add_parser("stats", help="images-per-identity histogram of a shard set (text + PNG)")
@@ -91,7 +94,7 @@ def _synth(args: argparse.Namespace) -> int:
     m = write_synthetic(args.out, num_identities=args.identities, min_images=args.min_images,
                         max_images=args.max_images, zipf_a=args.zipf_a, holdout_identities=args.holdout,
                         image_size=args.image_size, seed=args.seed, num_pairs=args.pairs,
-                        samples_per_shard=args.samples_per_shard)
+                        samples_per_shard=args.samples_per_shard, workers=args.workers or os.cpu_count() or 1)
     print(f"wrote {m.num_samples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
     return 0
 

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
 
 
 def _plot_margins(args: argparse.Namespace) -> int:
-    from distrib_face.losses.toy import plot_margin_curves
+    from distrib_face.losses.plots import plot_margin_curves
 
     print(plot_margin_curves(args.output))
     return 0
@@ -47,7 +47,7 @@ def _toy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distrib_face.losses.margins import list_margins
-    from distrib_face.losses.toy import angular_gap_degrees, plot_toy, train_toy
+    from distrib_face.train.toy import angular_gap_degrees, plot_toy, train_toy
 
     import torch
 

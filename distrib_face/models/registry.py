@@ -47,13 +47,11 @@ def register_backbone(fn: _F) -> _F:
 
 def list_backbones() -> list[str]:
     """Names of every registered backbone, sorted."""
-    _import_builtin_backbones()
     return sorted(_REGISTRY)
 
 
 def is_backbone(name: str) -> bool:
     """Whether ``name`` is a registered backbone."""
-    _import_builtin_backbones()
     return name in _REGISTRY
 
 
@@ -82,7 +80,6 @@ def create_backbone(
     Raises:
         UnknownBackboneError: if ``name`` is not registered.
     """
-    _import_builtin_backbones()
     if name not in _REGISTRY:
         raise UnknownBackboneError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[name](embedding_size=embedding_size, dropout=dropout, **kwargs)
@@ -90,8 +87,3 @@ def create_backbone(
         model = model.to(memory_format=torch.channels_last)
     return model
 
-
-def _import_builtin_backbones() -> None:
-    # The families register themselves on import; importing them here (not at package import time)
-    # keeps ``import distrib_face.models`` free of side effects until a backbone is asked for.
-    from distrib_face.models import iresnet, mobilefacenet, vit  # noqa: F401

@@ -136,6 +136,30 @@ def all_reduce_sum_replicated_grad(tensor: Tensor, group: dist.ProcessGroup | No
     return _AllReduceSumSameGrad.apply(tensor, group)
 
 
+class _AllReduceSumBothWays(torch.autograd.Function):
+    """Sum over ranks whose result feeds *different* computations per rank: the backward sums too."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def all_reduce_sum_summed_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Differentiable all-reduce (sum) whose backward all-reduces the gradient (identity in a world of 1)."""
+    if world_size_of(group) == 1:
+        return tensor
+    return _AllReduceSumBothWays.apply(tensor, group)
+
+
 def all_reduce_tensor(tensor: Tensor, op: str = "sum", group: dist.ProcessGroup | None = None) -> Tensor:
     """Reduce ``tensor`` over ranks (``"sum"``, ``"max"``, ``"min"`` or ``"mean"``); returns a new tensor."""
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}

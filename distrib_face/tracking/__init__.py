@@ -1,4 +1,7 @@
-"""Experiment tracking: MLflow on rank 0 (a no-op tracker elsewhere), metric aggregation across ranks, plots.
+"""Experiment tracking: MLflow on rank 0 (a no-op tracker elsewhere), redaction, plots.
+
+Tracking receives numbers: averaging metrics over ranks is a collective and lives in
+:mod:`distrib_face.parallel.metrics`.
 
 Usage in a training process::
 
@@ -14,12 +17,10 @@ MLflow is imported only when a real tracker is created.
 from __future__ import annotations
 
 from distrib_face.tracking.base import NoOpTracker, Tracker
-from distrib_face.tracking.metrics import MetricAggregator
 from distrib_face.tracking.params import flatten_params, is_secret_key, redact
 from distrib_face.tracking.plots import class_size_histogram, plot_class_histogram, plot_loss_curve
 
 __all__ = [
-    "MetricAggregator",
     "NoOpTracker",
     "Tracker",
     "class_size_histogram",

@@ -33,7 +33,7 @@ def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
     """Plot each metric's history against the step, one panel per metric, sharing the step axis.
 
     Args:
-        history: ``{"loss": [(step, value), ...], "lr": [...]}`` (``MetricAggregator.history``).
+        history: ``{"loss": [(step, value), ...], "lr": [...]}`` (``distrib_face.parallel.metrics.MetricAggregator.history``).
         path: the PNG to write (folders are created).
 
     Returns:

@@ -19,13 +19,45 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from distrib_face.config import Config
 
+if TYPE_CHECKING:
+    from distrib_face.data.manifest import Manifest
+
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the trainer draws batches from: the shard loader (:class:`distrib_face.data.TrainLoader`) and
+    :class:`RandomBatches` both satisfy it.
+
+    Iterating yields one epoch of ``(images [B, 3, H, W] float, labels [B] int64)`` on this rank; after a full
+    pass the source is at the next epoch. ``state_dict`` / ``load_state_dict`` carry the position, JSON-able.
+    """
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the current epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read ``epoch`` next, from its start."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, JSON-able."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output."""
 
 
 class RandomBatches:
@@ -97,9 +129,9 @@ class RandomBatches:
 class TrainData:
     """The loader and what the trainer needs to know about the data."""
 
-    loader: Any
+    loader: BatchSource
     num_classes: int
-    manifest: Any | None
+    manifest: Manifest | None
     """The shard manifest (``source: shards``), for the class-size histogram."""
 
 
@@ -130,7 +162,7 @@ def build_train_data(cfg: Config, rank: int, world_size: int, device: torch.devi
     return TrainData(loader=loader, num_classes=manifest.num_classes, manifest=manifest)
 
 
-def restore_loader(loader: Any, saved: list[dict[str, Any] | None], rank: int, world_size: int, *, epoch: int,
+def restore_loader(loader: BatchSource, saved: list[dict[str, Any] | None], rank: int, world_size: int, *, epoch: int,
                    samples_in_epoch: int, batch_size: int) -> None:
     """Put ``loader`` where the checkpointed run stopped (see the module docstring for a new world size).
 

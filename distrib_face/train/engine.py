@@ -12,13 +12,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
 from distrib_face.config import Config
 from distrib_face.dtypes import parse_dtype
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def build_backbone(cfg: Config) -> nn.Module:
         ) from err
 
 
-def build_torch_optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
+def build_torch_optimizer(cfg: Config, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The backbone's torch optimiser (handed to DeepSpeed)."""
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -95,7 +98,7 @@ def build_torch_optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Op
 class EngineBundle:
     """What :func:`build_engine` returns: the engine, its torch optimiser and the config it was built from."""
 
-    engine: Any
+    engine: DeepSpeedEngine
     optimizer: torch.optim.Optimizer
     ds_config: dict[str, Any]
     input_dtype: torch.dtype
@@ -138,7 +141,7 @@ def _init_single_process_group(deepspeed: Any, device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
-def current_loss_scale(engine: Any) -> float:
+def current_loss_scale(engine: DeepSpeedEngine) -> float:
     """The fp16 loss scale the last ``engine.backward`` used (1.0 without fp16)."""
     if not engine.fp16_enabled():
         return 1.0
@@ -150,7 +153,7 @@ def current_loss_scale(engine: Any) -> float:
     raise RuntimeError(f"cannot read the loss scale of DeepSpeed optimizer {type(optimizer).__name__}")
 
 
-def backbone_state_dict_fp32(engine: Any) -> dict[str, torch.Tensor]:
+def backbone_state_dict_fp32(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     """The backbone's full state dict, floating tensors in fp32, on the CPU (ZeRO stages 0-2 keep it whole)."""
     module = engine.module
     return {
