@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.stage == "classifier":
         stage_classifier(out_dir, args.dry_run)
         return 0
