@@ -290,3 +290,16 @@ def test_without_triton_the_package_works_and_asking_for_it_says_why(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "ERR ShardedMarginClassifier(kernel='triton') needs the triton package" in out.stdout
     assert "pip install triton==" in out.stdout
+
+
+def test_the_config_reaches_the_classifier():
+    from distrib_face.config import Config
+    from distrib_face.parallel.context import ProcessContext
+    from distrib_face.train.components import build_classifier
+
+    cfg = Config.from_dict({"data": {"source": "random"}, "train": {"total_steps": 1},
+                            "loss": {"kernel": "triton", "grad_filter": "auto", "compute_dtype": "bf16"}})
+    clf, _ = build_classifier(cfg, 50, ProcessContext())
+    assert (clf.kernel, clf.grad_filter) == ("triton", "auto")
+    assert build_classifier(Config.from_dict({"data": {"source": "random"}, "train": {"total_steps": 1}}), 50,
+                            ProcessContext())[0].kernel == "auto"
