@@ -37,7 +37,7 @@ def _step_worker(rank: int, world: int) -> dict:
 
 
 def test_channels_last_backbone_trains_like_the_contiguous_one(tmp_path):
-    for result in run_world(_step_worker, 2, tmp_path):
+    for result in run_world(_step_worker, 1, tmp_path):  # DeepSpeed broadcasts even in a world of 1
         plain, cl = result[False], result[True]
         assert abs(cl[0] - plain[0]) <= 1e-5 * abs(plain[0])
         for a, b in zip(cl[1], plain[1]):  # after one optimiser step (ZeRO-1 keeps the gradients itself)

@@ -9,7 +9,7 @@
 #                                            #   (../shared/tools/gpu-wheels.sh): the other GPU tests (DALI mixed
 #                                            #   decoding, backbones, eval, training CLI) and bench data
 #   bash tests/gpu/run.sh dry-run [OUT_DIR]  # here, on CPU: part 1's code paths at tiny sizes, the GPU image's
-#                                            #   missing packages hidden (~5 min on 2 cores)
+#                                            #   missing packages hidden (5-8 min on 2 cores)
 set -uo pipefail
 part="${1:-part1}"
 OUT_DIR="${2:-${OUT:-gpu_out}}"
