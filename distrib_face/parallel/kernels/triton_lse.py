@@ -268,8 +268,11 @@ def _grad_weight_kernel(
     # Through w_c / ||w_c||: subtract the radial part, with the rows reloaded in their own precision.
     w32 = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
     grad = acc - (inv * inv * norm_acc)[:, None] * w32
-    tl.store(GW + offs_c[:, None].to(tl.int64) * stride_gw + offs_d[None, :],
-             _cast(grad, GW.dtype.element_ty, INTERPRET), mask=w_mask)
+    if INTERPRET:
+        grad = _cast(grad, GW.dtype.element_ty, INTERPRET)
+    else:
+        grad = grad.to(GW.dtype.element_ty)  # round to nearest even, the compiled default
+    tl.store(GW + offs_c[:, None].to(tl.int64) * stride_gw + offs_d[None, :], grad, mask=w_mask)
 
 
 def _is_interpreted(fn: Any) -> bool:
