@@ -163,6 +163,15 @@ class LossConfig:
     """Classes per chunk of the logit computation (bounds the peak memory); ``None``: the classifier's default."""
     compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """dtype of the logit matmul (``None``: the weight dtype, fp32)."""
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    """How the margin softmax of ``s * cos`` margins (normface, cosface, arcface, combined) is computed:
+    ``torch`` (chunked matmuls, any device), ``triton`` (fused kernels that never write a ``[B, chunk]``
+    logit block; needs the triton package and a CUDA device) or ``auto`` (triton on CUDA when it imports,
+    else torch). Other margins always take the torch path. See docs/classifier.md."""
+    grad_filter: float | Literal["auto"] | None = None
+    """Gradient filtering of the fused backward: skip class tiles whose softmax probabilities are all
+    below this (``auto``: ``eps(compute dtype) / 32``, 2^-12 for bf16, as Cut Cross-Entropy). ``None``
+    (default): exact gradients. Not with ``kernel: torch``; its measured effect is in docs/classifier.md."""
     auxiliary: list[dict[str, Any]] = field(default_factory=list)
     """Metric / regularising losses added to the margin softmax, each ``{name, weight, options}``: triplet,
     contrastive, center, ring, intra_angle, inter_angle, uploss, magface (see distrib_face.losses.auxiliary)."""
@@ -191,6 +200,15 @@ class LossConfig:
         if self.chunk_size is not None:
             _check_positive("loss.chunk_size", self.chunk_size)
         _check_choice("loss.compute_dtype", self.compute_dtype, (None, "fp32", "bf16", "fp16"))
+        _check_choice("loss.kernel", self.kernel, ("auto", "torch", "triton"))
+        if self.grad_filter is not None:
+            if self.kernel == "torch":
+                _fail("loss.grad_filter", "filters the fused triton backward; loss.kernel: torch is exact",
+                      self.grad_filter)
+            if self.grad_filter != "auto" and (
+                isinstance(self.grad_filter, (bool, str)) or not 0.0 <= float(self.grad_filter) < 1.0
+            ):
+                _fail("loss.grad_filter", "must be 'auto', a probability in [0, 1) or null", self.grad_filter)
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--chunk-size", type=int, default=65536, help="classes per logit chunk")
     p.add_argument("--margin", default="arcface", help="margin name")
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
+                   help="classifier kernel (auto: triton on CUDA when it imports)")
+    p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="storage dtype of the class weights (other than fp32: when the classifier supports it)")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench_classifier)
@@ -39,7 +43,8 @@ def _bench_classifier(args: argparse.Namespace) -> int:
     spec = BenchSpec(
         classes=args.classes, batch=args.batch, embedding=args.embedding, sample_rate=args.sample_rate,
         dtype=args.dtype, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
-        chunk_size=args.chunk_size, margin=args.margin, device=args.device,
+        chunk_size=args.chunk_size, margin=args.margin, device=args.device, kernel=args.kernel,
+        weight_dtype=args.weight_dtype,
     )
     results = run_benchmark(spec, baseline=not args.no_baseline)
     print(json.dumps(results_as_dicts(results), indent=2) if args.json else format_table(results))

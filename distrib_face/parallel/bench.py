@@ -52,10 +52,19 @@ class BenchSpec:
     chunk_size: int = 65536
     margin: str = "arcface"
     device: str = "cpu"
+    kernel: str = "auto"
+    """The classifier's ``kernel`` (auto / torch / triton)."""
+    weight_dtype: str = "fp32"
+    """Storage dtype of the class weights; other than fp32 it needs the classifier's ``weight_dtype``."""
 
     def __post_init__(self) -> None:
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"--dtype must be one of {list(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.weight_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--weight-dtype must be one of {list(COMPUTE_DTYPES)}, got {self.weight_dtype!r}")
+        from distrib_face.parallel.kernels import check_kernel
+
+        check_kernel(self.kernel)
         if self.classes < self.world_size:
             raise ValueError(f"--classes ({self.classes}) must be >= --world-size ({self.world_size})")
         if self.device.startswith("cuda") and self.world_size > 1:
@@ -114,18 +123,42 @@ def _memory_mb(device: torch.device, rss_before: float) -> float:
     return _peak_rss_mb() - rss_before
 
 
-def _sharded_rank(spec: BenchSpec, group: Any = None) -> tuple[float, float]:
+class UnsupportedSpec(RuntimeError):
+    """A benchmark row this version of the classifier cannot run (reported as skipped, with the reason)."""
+
+
+def weight_dtype_kwargs(weight_dtype: str) -> dict[str, Any]:
+    """``ShardedMarginClassifier`` keyword arguments for a weight storage dtype (``{}`` for fp32).
+
+    Raises:
+        UnsupportedSpec: the classifier has no ``weight_dtype`` argument (yet).
+    """
+    import inspect
+
+    from distrib_face.parallel.classifier import ShardedMarginClassifier
+
+    if weight_dtype == "fp32":
+        return {}
+    if "weight_dtype" not in inspect.signature(ShardedMarginClassifier.__init__).parameters:
+        raise UnsupportedSpec(f"weight_dtype={weight_dtype}: ShardedMarginClassifier has no weight_dtype argument")
+    return {"weight_dtype": parse_dtype(weight_dtype, "--weight-dtype")}
+
+
+def _sharded_rank(spec: BenchSpec, group: Any = None) -> tuple[float, float, str]:
     from distrib_face.losses import create_margin
     from distrib_face.parallel.classifier import ShardedMarginClassifier
+    from distrib_face.parallel.kernels import resolve_kernel
     from distrib_face.parallel.optim import ShardOptimizer
 
     device = torch.device(spec.device)
+    extra = weight_dtype_kwargs(spec.weight_dtype)
     rss_before = _current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clf = ShardedMarginClassifier(
         spec.classes, spec.embedding, margin=create_margin(spec.margin), sample_rate=spec.sample_rate,
         group=group, device=device, chunk_size=spec.chunk_size, compute_dtype=_compute_dtype(spec.dtype),
+        kernel=spec.kernel, **extra,
     )
     opt = ShardOptimizer(clf, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(1234 + clf.rank)
@@ -140,7 +173,10 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> tuple[float, float]:
         emb.grad = None
 
     times = _timed(step, spec, device)
-    return statistics.median(times), _memory_mb(device, rss_before)
+    used = "torch"
+    if clf.margin.linear_scale is not None and clf.num_subcenters == 1 and not clf.bias_columns:
+        used = resolve_kernel(spec.kernel, emb, clf.weight, clf.compute_dtype)
+    return statistics.median(times), _memory_mb(device, rss_before), used
 
 
 def _baseline(spec: BenchSpec) -> tuple[float, float]:
@@ -183,41 +219,48 @@ def _worker(rank: int, spec: BenchSpec, store: str, out_dir: str, impl: str) -> 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size))
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=spec.world_size)
     try:
-        ms, mem = _sharded_rank(spec, group) if impl == "sharded" else _baseline(spec)
+        ms, mem, used = _sharded_rank(spec, group) if impl == "sharded" else (*_baseline(spec), "torch")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     with open(os.path.join(out_dir, f"{impl}-{rank}.txt"), "w") as handle:
-        handle.write(f"{ms} {mem}\n")
+        handle.write(f"{ms} {mem} {used}\n")
 
 
-def _spawn(spec: BenchSpec, impl: str, nprocs: int) -> list[tuple[float, float]]:
+def _spawn(spec: BenchSpec, impl: str, nprocs: int) -> list[tuple[float, float, str]]:
     with tempfile.TemporaryDirectory(prefix="df-bench-") as tmp:
         mp.start_processes(_worker, args=(spec, os.path.join(tmp, "store"), tmp, impl), nprocs=nprocs,
                            join=True, start_method="spawn")
         out = []
         for rank in range(nprocs):
             with open(os.path.join(tmp, f"{impl}-{rank}.txt")) as handle:
-                ms, mem = handle.read().split()
-            out.append((float(ms), float(mem)))
+                ms, mem, used = handle.read().split()
+            out.append((float(ms), float(mem), used))
         return out
 
 
 def run_benchmark(spec: BenchSpec, baseline: bool = True) -> list[BenchResult]:
     """Measure the sharded classifier (``spec.world_size`` gloo ranks, or in-process on a GPU) and the baseline."""
     results = []
+    common = dict(world_size=spec.world_size, classes=spec.classes, batch_per_rank=spec.batch,
+                  sample_rate=spec.sample_rate, dtype=spec.dtype, device=spec.device)
+    weights = "" if spec.weight_dtype == "fp32" else f", {spec.weight_dtype} weights"
+    try:
+        weight_dtype_kwargs(spec.weight_dtype)
+    except UnsupportedSpec as err:  # say so in the table rather than fail the whole run
+        logger.warning("skipped: %s", err)
+        return [BenchResult("sharded", ms_per_step=float("nan"), peak_mem_mb=float("nan"),
+                            note=f"skipped: {err}", **common)]
     if spec.device.startswith("cuda"):
         per_rank = [_sharded_rank(spec)]
     else:
         per_rank = _spawn(spec, "sharded", spec.world_size)
-    common = dict(world_size=spec.world_size, classes=spec.classes, batch_per_rank=spec.batch,
-                  sample_rate=spec.sample_rate, dtype=spec.dtype, device=spec.device)
-    results.append(BenchResult("sharded", ms_per_step=max(p[0] for p in per_rank),
-                               peak_mem_mb=max(p[1] for p in per_rank), note="slowest rank; memory per rank",
-                               **common))
+    results.append(BenchResult(f"sharded ({per_rank[0][2]})", ms_per_step=max(p[0] for p in per_rank),
+                               peak_mem_mb=max(p[1] for p in per_rank),
+                               note=f"slowest rank; memory per rank{weights}", **common))
     if baseline:
         try:
-            ms, mem = _baseline(spec) if spec.device.startswith("cuda") else _spawn(spec, "baseline", 1)[0]
+            ms, mem = _baseline(spec) if spec.device.startswith("cuda") else _spawn(spec, "baseline", 1)[0][:2]
             results.append(BenchResult("naive (1 process, whole matrix)", ms_per_step=ms, peak_mem_mb=mem,
                                        note=f"global batch {spec.batch * spec.world_size}", **common))
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # the naive one may not fit: say so

@@ -35,7 +35,12 @@ from distrib_face.parallel.collectives import (
     gather_with_grad,
 )
 from distrib_face.parallel.context import group_rank_and_size
-from distrib_face.parallel.linear_lse import LinearMarginLogSumExp
+from distrib_face.parallel.kernels import (
+    check_kernel,
+    filter_threshold,
+    linear_margin_logsumexp,
+    require_triton,
+)
 from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 from distrib_face.parallel.shard import class_range, init_class_rows
 
@@ -223,6 +228,11 @@ class ShardedMarginClassifier(nn.Module):
             when the backbone's gradients are averaged over ranks (DeepSpeed / DDP), as arcface_torch does.
         num_subcenters: ``K`` sub-centres per class (kept on the same shard; the cosine is their max);
             ``None``: the margin's (3 for ``subcenter_arcface``, else 1).
+        kernel: how margins with ``s * cos`` non-target logits are computed: ``"torch"`` (chunked
+            matmuls), ``"triton"`` (fused kernels, :mod:`distrib_face.parallel.kernels`; needs triton and
+            CUDA tensors) or ``"auto"`` (triton on CUDA when it is importable, else torch).
+        grad_filter: the fused backward skips class tiles whose softmax probabilities are all below this
+            (``"auto"``: ``eps(compute dtype) / 32``, as Cut Cross-Entropy); ``None`` (default): exact.
 
     Example:
         ``loss = clf(local_embeddings, local_labels)`` returns the mean loss over the global batch,
@@ -244,8 +254,16 @@ class ShardedMarginClassifier(nn.Module):
         compute_dtype: torch.dtype | None = None,
         embedding_grad_scale: float = 1.0,
         num_subcenters: int | None = None,
+        kernel: str = "auto",
+        grad_filter: float | str | None = None,
     ) -> None:
         super().__init__()
+        self.kernel, self.grad_filter = check_kernel(kernel), grad_filter
+        filter_threshold(grad_filter, compute_dtype)  # validates it
+        if kernel == "triton":
+            require_triton("ShardedMarginClassifier(kernel='triton')")
+        if grad_filter is not None and kernel == "torch":
+            raise ValueError(f"grad_filter={grad_filter!r} filters the fused triton backward; kernel='torch' is exact")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if chunk_size < 1:
@@ -386,9 +404,9 @@ class ShardedMarginClassifier(nn.Module):
 
         linear_scale = self.margin.linear_scale if self.fast_path else None
         if linear_scale is not None and k == 1 and not self.bias_columns:
-            lse = LinearMarginLogSumExp.apply(
-                embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size, self.compute_dtype,
-                self.group,
+            lse = linear_margin_logsumexp(
+                self.kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size,
+                self.compute_dtype, self.group, grad_filter=self.grad_filter,
             )
         else:
             lse = _ShardedNegativeLogSumExp.apply(

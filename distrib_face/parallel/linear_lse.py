@@ -41,7 +41,9 @@ class LinearMarginLogSumExp(torch.autograd.Function):
     """``log(exp(T_i) + sum over all ranks' non-target classes of exp(s cos_ij))`` with an analytic backward.
 
     Inputs: raw embeddings ``[B, D]`` (gathered), this rank's weight rows ``[C_r, D]``, the target logits
-    ``[B]`` (already summed over ranks), each row's local target column (``-1`` when not on this rank).
+    ``[B]`` (already summed over ranks), each row's local target column (``-1`` when not on this rank), and
+    optionally ``valid`` ``[C_r]`` (bool): columns marked False contribute nothing to the log-sum-exp and
+    get a zero weight gradient (fixed-shape Partial FC pads its sample with such columns). ``None``: all valid.
     """
 
     @staticmethod
@@ -55,8 +57,12 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         chunk_size: int,
         compute_dtype: torch.dtype | None,
         group: Any,
+        valid: Tensor | None = None,
     ) -> Tensor:
         stat_dtype = target_logits.dtype
+        if valid is not None and valid.shape != (weight.shape[0],):
+            raise ValueError(f"valid must be [{weight.shape[0]}] (one flag per weight row), got {tuple(valid.shape)}")
+        invalid = None if valid is None else ~valid.to(torch.bool)
         x_norm = embeddings.norm(dim=1, keepdim=True).clamp_min(_EPS)
         x_unit = embeddings / x_norm
         num_rows, num_classes = embeddings.shape[0], weight.shape[0]
@@ -70,15 +76,17 @@ class LinearMarginLogSumExp(torch.autograd.Function):
             logits = _mm(x_unit, w.t(), compute_dtype, stat_dtype).to(stat_dtype).mul_(inv * scale)  # [B, c]
             rows, cols = _targets_in_chunk(target_col, c0, c1)
             logits[rows, cols] = float("-inf")
+            if invalid is not None:
+                logits.masked_fill_(invalid[c0:c1], float("-inf"))
             stats.update(logits, consume=True)
         lse = stats.logsumexp(group, extra=target_logits)
-        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse)
+        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse, invalid)
         ctx.scale, ctx.chunk_size, ctx.compute_dtype = scale, chunk_size, compute_dtype
         return lse
 
     @staticmethod
     def backward(ctx: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse = ctx.saved_tensors
+        x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse, invalid = ctx.saved_tensors
         stat_dtype = lse.dtype
         grad_target = grad_lse * torch.exp(target_logits - lse)
         grad_unit = torch.zeros_like(x_unit)
@@ -93,6 +101,8 @@ class LinearMarginLogSumExp(torch.autograd.Function):
             grad_raw = (raw * coef).sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])  # g * softmax
             rows, cols = _targets_in_chunk(target_col, c0, c1)
             grad_raw[rows, cols] = 0.0  # the target's share went to grad_target
+            if invalid is not None:
+                grad_raw.masked_fill_(invalid[c0:c1], 0.0)
             grad_raw.mul_(coef)
             grad_unit += _mm(grad_raw, w_mm, ctx.compute_dtype, stat_dtype).to(grad_unit.dtype)
             if grad_weight is not None:
@@ -105,4 +115,4 @@ class LinearMarginLogSumExp(torch.autograd.Function):
                 gw.addcmul_(w, norm_term[:, None].to(weight.dtype), value=-1.0)
         # Through u = x / ||x||: (I - u u^T) g / ||x||.
         grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
-        return grad_emb, grad_weight, grad_target, None, None, None, None, None
+        return grad_emb, grad_weight, grad_target, None, None, None, None, None, None

@@ -40,6 +40,18 @@ class OnlineLogSumExp:
         self.sum = self.sum * torch.exp(self.max - safe) + shifted.sum(dim=-1)
         self.max = new_max
 
+    def merge(self, part_max: Tensor, part_sum: Tensor) -> None:
+        """Merge statistics computed elsewhere: ``part_max`` / ``part_sum`` of shape ``[n, *shape]``.
+
+        Each ``(part_max[k], part_sum[k])`` is a running max and ``sum(exp(logit - part_max[k]))`` over
+        some columns (a fused kernel's class split, say); ``-inf`` maxima with a zero sum are empty parts.
+        """
+        new_max = torch.maximum(self.max, part_max.amax(dim=0))
+        safe = _finite_or_zero(new_max)
+        parts = torch.where(torch.isfinite(part_max), part_sum * torch.exp(part_max - safe), torch.zeros_like(part_sum))
+        self.sum = self.sum * torch.exp(self.max - safe) + parts.sum(dim=0)
+        self.max = new_max
+
     def logsumexp(self, group: dist.ProcessGroup | None, extra: Tensor | None = None) -> Tensor:
         """Combine over the ranks of ``group`` (MAX then SUM all-reduce) and add ``exp(extra)`` if given."""
         global_max = self.max.clone()

@@ -99,6 +99,7 @@ def build_classifier(cfg: Config, num_classes: int, ctx: ProcessContext) -> tupl
         num_classes, cfg.model.embedding_size, margin=margin, sample_rate=loss.sample_rate, group=ctx.group,
         dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
         compute_dtype=parse_dtype(loss.compute_dtype) if loss.compute_dtype else None,
+        kernel=loss.kernel, grad_filter=loss.grad_filter,
         # DeepSpeed averages the backbone's gradients over ranks; the classifier gives each rank the exact
         # gradient of the global mean loss, so the embeddings' gradient is scaled back up by the world size.
         embedding_grad_scale=float(ctx.world_size), **kwargs,

@@ -147,6 +147,11 @@ def build_engine(cfg: Config, backbone: nn.Module, lr: float, device: torch.devi
     if not deepspeed.comm.is_initialized():
         _init_single_process_group(deepspeed, device)
     backbone = backbone.to(device)
+    if any(not p.is_contiguous() for p in backbone.parameters()):
+        # DeepSpeed 0.19.8 broadcasts every parameter as p.data.view(torch.uint8) at initialisation (even in
+        # a world of 1), which fails for channels_last weights. Keep the parameters contiguous: the step
+        # feeds channels_last images, and cuDNN picks its NHWC kernels when the input is channels_last.
+        backbone = backbone.to(memory_format=torch.contiguous_format)
     optimizer = build_torch_optimizer(cfg, [p for p in backbone.parameters() if p.requires_grad], lr)
     ds_config = deepspeed_config(cfg, world_size)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)

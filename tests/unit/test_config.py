@@ -28,6 +28,10 @@ def _with(section: str, **values) -> dict:
         ("loss", {"sample_rate": 0.0}, "loss.sample_rate must be in (0, 1], got 0.0"),
         ("loss", {"sample_rate": 1.5}, "loss.sample_rate must be in (0, 1], got 1.5"),
         ("loss", {"margin": "triplet"}, "loss.margin must be one of"),
+        ("loss", {"kernel": "cuda"}, "loss.kernel must be one of ['auto', 'torch', 'triton'], got 'cuda'"),
+        ("loss", {"grad_filter": 1.5}, "loss.grad_filter must be 'auto', a probability in [0, 1) or null, got 1.5"),
+        ("loss", {"grad_filter": "on"}, "loss.grad_filter must be"),
+        ("loss", {"kernel": "torch", "grad_filter": "auto"}, "loss.grad_filter filters the fused triton backward"),
         ("deepspeed", {"zero_stage": 4}, "deepspeed.zero_stage must be one of 0, 1, 2, 3, got 4"),
         ("deepspeed", {"precision": "fp8"}, "deepspeed.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'"),
         ("data", {"batch_size": 0}, "data.batch_size must be > 0, got 0"),
@@ -61,6 +65,14 @@ def test_cross_field_rules():
         Config.from_dict({"data": {}, "train": {"total_steps": 1}})
     with pytest.raises(ConfigError, match="deepspeed.extra.optimizer is not allowed"):
         Config.from_dict(_with("deepspeed", extra={"optimizer": {"type": "Adam"}}))
+
+
+def test_kernel_choice_defaults_and_round_trips():
+    cfg = Config.from_dict(BASE)
+    assert (cfg.loss.kernel, cfg.loss.grad_filter) == ("auto", None)
+    cfg = Config.from_dict(_with("loss", kernel="triton", grad_filter="auto"))
+    assert Config.from_dict(cfg.to_dict()).loss.grad_filter == "auto"
+    assert Config.from_dict(_with("loss", grad_filter=0)).loss.grad_filter == 0.0
 
 
 def test_unknown_keys_are_named():

@@ -141,3 +141,27 @@ def test_bias_column_classifier_round_trips_through_a_checkpoint(tmp_path):
     back = ShardedMarginClassifier(10, 8, margin="softmax", seed=4)
     load_shard_from_dir(tmp_path, back)
     assert torch.equal(back.weight, clf.weight)
+
+
+def test_online_logsumexp_merges_partial_statistics():
+    """Per-split (max, sum) partials, empty ones included, merge to the logsumexp of all columns."""
+    from distrib_face.parallel.softmax_stats import OnlineLogSumExp
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 23, dtype=torch.float64) * 20
+    logits[1] = float("-inf")  # a row with no column at all
+    bounds = [0, 7, 7, 15, 23]  # the second part is empty
+    part_max = torch.full((4, 5), float("-inf"), dtype=torch.float64)
+    part_sum = torch.zeros(4, 5, dtype=torch.float64)
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            m = logits[:, lo:hi].amax(dim=1)
+            safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            part_max[k], part_sum[k] = m, torch.exp(logits[:, lo:hi] - safe[:, None]).sum(dim=1)
+    stats = OnlineLogSumExp((5,), torch.float64, torch.device("cpu"))
+    stats.update(logits[:, :3].clone())  # merging composes with streamed chunks
+    stats.merge(part_max, part_sum)
+    extra = torch.randn(5, dtype=torch.float64)
+    want = torch.logsumexp(torch.cat([logits[:, :3], logits, extra[:, None]], dim=1), dim=1)
+    got = stats.logsumexp(None, extra=extra)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
