@@ -47,7 +47,7 @@ def test_report_sets_our_numbers_beside_the_references(tmp_path):
     ]
     (tmp_path / "classifier.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "train.jsonl").write_text(json.dumps(
-        {"name": "step 2M r0.2 bf16 cl", "img_s": 3612.4, "median_step_ms": 70.9, "peak_memory_mb": 20480.0,
+        {"name": "step 2M r0.2 bf16 cl", "images_per_sec": 3612.4, "median_step_ms": 70.9, "peak_memory_mb": 20480.0,
          "global_batch": 256}) + "\n")
     report = {"environment": {"dry_run": False, "python": "3.12", "gpu": "H200"}, "tests": {"rc": 0, "summary": "9 passed"},
               "skipped": [("r50 bf16 cl compile", "needs ~150 s, 40 s left")],
@@ -61,7 +61,7 @@ def test_report_sets_our_numbers_beside_the_references(tmp_path):
     assert "| r50 bf16 cl compile | skipped | 3,312 img/s | - | needs ~150 s, 40 s left |" in text
     assert "| clf 2M r1.0 | not reached | 98 ms, 26.8 GB |" in text  # the stage was cut off before it
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert saved["train"][0]["img_s"] == 3612.4 and len(saved["classifier"]) == 3
+    assert saved["train"][0]["images_per_sec"] == 3612.4 and len(saved["classifier"]) == 3
 
 
 def test_bf16_weight_rows_run_or_say_why_not():
