@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -49,6 +50,10 @@ def _bench_classifier(args: argparse.Namespace) -> int:
 def _reshard(args: argparse.Namespace) -> int:
     from distrib_face.parallel.checkpoint import reshard
 
-    written = reshard(args.src, args.dst, args.world_size)
+    try:
+        written = reshard(args.src, args.dst, args.world_size)
+    except (OSError, ValueError) as err:  # missing / damaged / refused shard files: the message names the file
+        print(f"distrib-face reshard: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {len(written)} shard file(s) to {args.dst}")
     return 0

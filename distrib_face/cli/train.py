@@ -2,7 +2,9 @@
 
 ``distrib-face train --config C [--set k=v ...]`` trains in this process (a world of 1), or as one rank
 under ``torchrun`` / the deepspeed launcher (the process group comes from the environment). Exit codes:
-0 finished (or stopped by ``train.max_steps_this_run`` with a checkpoint), 1 training failed, 2 bad config.
+0 finished (or stopped by ``train.max_steps_this_run`` with a checkpoint), 1 training failed (too many
+non-finite losses, a non-finite state at a checkpoint), 2 bad config or input (a checkpoint or backbone file
+that is missing, damaged, does not fit, or is refused because loading it could run code).
 """
 
 from __future__ import annotations
@@ -55,15 +57,21 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_BAD_CONFIG
+    from distrib_face.models.io import BackboneFileError
     from distrib_face.parallel import init_distributed
     from distrib_face.train import NonFiniteLossError, run_training
+    from distrib_face.train.checkpoint import CheckpointError
+    from distrib_face.train.divergence import NonFiniteStateError
 
     ctx = init_distributed(device=cfg.device)
     try:
         summary = run_training(cfg, ctx, resume_from=args.resume)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NonFiniteStateError) as err:
         log.error("%s", err)
         return EXIT_FAILED
+    except (CheckpointError, BackboneFileError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
     if ctx.is_main:
         _print_summary(summary)
         if args.summary_json:

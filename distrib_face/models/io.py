@@ -21,6 +21,7 @@ from torch import nn
 
 from distrib_face.atomic import atomic_open
 from distrib_face.models.registry import create_backbone, is_backbone, list_backbones
+from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 
 FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -102,7 +103,9 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"backbone file not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = safe_torch_load(path)
+    except UnsafeFileError as exc:
+        raise BackboneFileError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types on foreign files
         raise BackboneFileError(f"{path}: not a backbone file written by save_backbone ({exc})") from exc
     if not isinstance(payload, dict) or not {"name", "kwargs", "state_dict"} <= set(payload):
