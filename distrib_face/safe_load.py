@@ -24,9 +24,12 @@ import torch
 __all__ = ["UnsafeFileError", "safe_torch_load"]
 
 # torch's WeightsUnpickler explains the refusal on a line of its own, e.g.
-# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked." or "Unsupported operand 149".
-_REASON = re.compile(r"(Trying to load unsupported GLOBAL [^\n]*|Unsupported global: [^\n]*|Unsupported operand [^\n]*"
-                     r"|Unsupported class [^\n]*)")
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+# "Unsupported global: GLOBAL builtins.print was not an allowed global by default. Please use ..." or
+# "Unsupported operand 149". Only the name of what the file asked for is kept (never torch's advice to allow it).
+_GLOBAL = re.compile(r"(?:Trying to load unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)")
+_OPCODE = re.compile(r"Unsupported operand (\d+)")
+_CLASS = re.compile(r"Unsupported class ([\w.]+)")
 
 
 class UnsafeFileError(ValueError):
@@ -43,8 +46,13 @@ class UnsafeFileError(ValueError):
 
 
 def _reason(err: BaseException) -> str:
-    match = _REASON.search(str(err))
-    return match.group(1).strip().rstrip(".") if match else type(err).__name__
+    text = str(err)
+    for pattern, template in ((_GLOBAL, "it asks for the global {}"), (_CLASS, "it asks for the class {}"),
+                              (_OPCODE, "pickle opcode {}, which the restricted reader does not accept")):
+        match = pattern.search(text)
+        if match:  # opcode 149 is FRAME: pickle protocol 4, which torch.save (protocol 2) never writes
+            return template.format(match.group(1))
+    return type(err).__name__
 
 
 def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
@@ -64,4 +72,6 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise  # a damaged pickle, not a refused one
         raise UnsafeFileError(path, _reason(err)) from err
