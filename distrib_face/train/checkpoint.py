@@ -51,7 +51,7 @@ from distrib_face.atomic import fsync_dir, fsync_tree, write_text
 from distrib_face.parallel import barrier
 from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 from distrib_face.train import engine_state
-from distrib_face.train.divergence import find_non_finite, non_finite_state_error
+from distrib_face.train.divergence import NonFiniteStateError, find_non_finite, non_finite_state_error
 
 logger = logging.getLogger(__name__)
 
@@ -204,18 +204,15 @@ def save_checkpoint(
     final = root / step_dirname(trainer_state.step)
     tmp = root / f"{final.name}.tmp"
     engine_snapshot = engine_state.capture(engine, ctx.rank, ctx.world_size)
-    aux_module, aux_optimizer = auxiliary
-    aux_state = None
-    if aux_module is not None:
-        aux_state = {"module": aux_module.state_dict(),
-                     "optimizer": aux_optimizer.state_dict() if aux_optimizer is not None else None}
+    aux_state = _aux_state(auxiliary)
     # Nothing is written before the state is known finite on every rank: `latest` only ever names a finite one.
-    findings = find_non_finite(_named_state(engine_snapshot, classifier, shard_optimizer, aux_state), ctx)
-    if findings:
+    try:
+        _raise_if_non_finite(root, engine_snapshot, classifier, shard_optimizer, aux_state, ctx=ctx,
+                             step=trainer_state.step)
+    except NonFiniteStateError:
         if ctx.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a stale attempt at this step
-        raise non_finite_state_error(findings, step=trainer_state.step, refused=final,
-                                     last_good=_last_good(root))
+        raise
     if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -254,6 +251,46 @@ def save_checkpoint(
     barrier(ctx.group)
     logger.info("rank %d: checkpoint %s written", ctx.rank, final)
     return final
+
+
+def check_finite_state(
+    root: str | os.PathLike,
+    *,
+    ctx: Any,
+    engine: Any,
+    classifier: Any,
+    shard_optimizer: Any,
+    step: int,
+    auxiliary: tuple[Any, Any] = (None, None),
+) -> None:
+    """Raise :class:`NonFiniteStateError` on every rank when any rank's state holds NaN / Inf (collective).
+
+    What :func:`save_checkpoint` checks before it writes anything, callable on its own (e.g. every
+    ``train.log_every`` steps): the backbone's parameters, buffers and optimiser state, the class shard, its
+    margin state and optimiser, the auxiliary losses and their optimiser. One ``aminmax`` per tensor, one
+    all-reduce and one host read when all is finite.
+
+    Args:
+        root: the checkpoints folder (the error names its newest checkpoint as the last good one).
+        step: the optimiser step, for the message.
+    """
+    _raise_if_non_finite(Path(root), engine_state.capture(engine, ctx.rank, ctx.world_size), classifier,
+                         shard_optimizer, _aux_state(auxiliary), ctx=ctx, step=step, saving=False)
+
+
+def _raise_if_non_finite(root: Path, engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
+                         aux_state: dict[str, Any] | None, *, ctx: Any, step: int, saving: bool = True) -> None:
+    findings = find_non_finite(_named_state(engine_snapshot, classifier, shard_optimizer, aux_state), ctx)
+    if findings:
+        raise non_finite_state_error(findings, step=step, refused=root / step_dirname(step) if saving else None,
+                                     last_good=_last_good(root))
+
+
+def _aux_state(auxiliary: tuple[Any, Any]) -> dict[str, Any] | None:
+    module, optimizer = auxiliary
+    if module is None:
+        return None
+    return {"module": module.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
 
 
 def _named_state(engine_snapshot: Any, classifier: Any, shard_optimizer: Any,

@@ -95,13 +95,15 @@ def describe(findings: dict[int, list[str]]) -> str:
     return "; ".join(f"rank {rank}: {', '.join(items)}" for rank, items in sorted(findings.items()))
 
 
-def non_finite_state_error(findings: dict[int, list[str]], *, step: int, refused: Path,
+def non_finite_state_error(findings: dict[int, list[str]], *, step: int, refused: Path | None,
                            last_good: Path | None) -> NonFiniteStateError:
-    """The error :func:`~distrib_face.train.checkpoint.save_checkpoint` raises on every rank."""
+    """The error raised on every rank: by ``save_checkpoint`` (``refused``: the checkpoint it did not write)
+    or by ``check_finite_state`` (``refused`` None)."""
     good = (f"the last good checkpoint is {last_good} (`latest` still names it)" if last_good is not None
             else "there is no earlier checkpoint of this run")
+    what = f", so checkpoint {refused} was not written" if refused is not None else ""
     return NonFiniteStateError(
-        f"step {step}: the training state is not finite, so checkpoint {refused} was not written: "
+        f"step {step}: the training state is not finite{what}: "
         f"{describe(findings)}; {good}. Lower optim.lr, set optim.grad_clip, check the data, or set "
         "train.on_divergence: rollback",
         step=step, findings=findings, last_good=last_good,
