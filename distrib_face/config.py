@@ -202,8 +202,8 @@ class LossConfig:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"loss.auxiliary[{i}]: {err}") from err
             if name in seen:
-                raise ConfigError(f"loss.auxiliary[{i}]: auxiliary loss {name!r} is already loss.auxiliary[{seen[name]}], "
-                                  f"got {dict(spec)!r}: list each loss once")
+                raise ConfigError(f"loss.auxiliary[{i}]: auxiliary loss {name!r} is already "
+                                  f"loss.auxiliary[{seen[name]}], got {dict(spec)!r}: list each loss once")
             seen[name] = i
 
         _check_choice("loss.margin", self.margin, list_margins())

@@ -44,15 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return 2
+    from distrib_face.models.io import BackboneFileError
     from distrib_face.parallel import init_distributed
     from distrib_face.train import NonFiniteLossError, run_training
+    from distrib_face.train.checkpoint import CheckpointError
+    from distrib_face.train.divergence import NonFiniteStateError
 
     ctx = init_distributed(device=cfg.device)
     try:
         summary = run_training(cfg, ctx, resume_from=args.resume)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NonFiniteStateError) as err:
         log.error("%s", err)
         return 1
+    except (CheckpointError, BackboneFileError) as err:  # a refused, damaged or unfitting checkpoint / backbone
+        log.error("%s", err)
+        return 2
     if ctx.is_main:
         log.info("summary: %s", json.dumps(summary, default=str))
         if args.summary_json:

@@ -196,6 +196,10 @@ def save_checkpoint(
 
     Returns:
         The final checkpoint folder (the same path on every rank).
+
+    Raises:
+        NonFiniteStateError: on every rank, when any rank's state holds NaN / Inf (see
+            :func:`check_finite_state`); nothing was written and ``latest`` still names the last good one.
     """
     from distrib_face.models import save_backbone
     from distrib_face.parallel.checkpoint import save_shard

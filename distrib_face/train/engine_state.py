@@ -79,7 +79,7 @@ def optimizer_file(rank: int, world_size: int) -> str:
 
 
 def optimizer_kind(engine: Any) -> str:
-    """Which of the optimisers of the module docstring ``engine.optimizer`` is (``torch``, ``mixed_precision``, ``zero``).
+    """Which optimiser of the module docstring ``engine.optimizer`` is: ``torch``, ``mixed_precision`` or ``zero``.
 
     Raises:
         EngineStateError: any other (e.g. ZeRO-Offload's CPU Adam), which this format does not know.
@@ -100,7 +100,8 @@ def optimizer_kind(engine: Any) -> str:
     if isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
         return KIND_MIXED_PRECISION
     raise EngineStateError(f"cannot checkpoint the DeepSpeed optimizer {type(optimizer).__name__}: the plain "
-                           "checkpoint format knows torch optimizers, FP16_(Unfused)Optimizer and the ZeRO 1/2 optimizer")
+                           "checkpoint format knows torch optimizers, FP16_(Unfused)Optimizer and the ZeRO 1/2 "
+                           "optimizers")
 
 
 @dataclass
@@ -122,7 +123,7 @@ class EngineState:
     meta: dict[str, Any]
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the state with a readable name (``backbone.bn1.running_var``, ``backbone optimizer ...``)."""
+        """Every tensor of the state with a readable name (``backbone bn1.running_var``, ``backbone optimizer...``)."""
         for key, value in self.module.items():
             yield f"backbone {key}", value
         yield from _walk_tensors(self.optimizer, "backbone optimizer")
@@ -203,7 +204,8 @@ def load(directory: str | os.PathLike, engine: Any, rank: int, world_size: int, 
     directory = Path(directory)
     module_payload = _read(directory / MODULE_FILE, "module")
     kind, stage = optimizer_kind(engine), int(engine.zero_optimization_stage())
-    saved_kind, saved_stage, saved_world = module_payload["kind"], module_payload["zero_stage"], module_payload["world_size"]
+    saved_kind, saved_stage = module_payload["kind"], module_payload["zero_stage"]
+    saved_world = module_payload["world_size"]
     reason = None
     if not load_optimizer:
         reason = "not asked for"
@@ -262,7 +264,7 @@ def _load_optimizer(engine: Any, kind: str, state: dict[str, Any], world_size: i
             state.pop(_ZERO_STAGE, None)
             if scaler is not None:
                 _restore_loss_scaler(optimizer, scaler, directory)
-            # Without a loss_scaler key DeepSpeed keeps the live one (_load_global_state: sd.get(..., self.loss_scaler)).
+            # Without a loss_scaler key DeepSpeed keeps the live one (_load_global_state: sd.get(key, live one)).
             # Only this rank's entry is read unless elastic checkpoints are on (refused in optimizer_kind).
             states: list[dict[str, Any] | None] = [None] * world_size
             states[rank] = state
@@ -366,5 +368,6 @@ def _read(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("what") != what:
         raise EngineStateError(f"{path}: not a distrib_face engine {what} file")
     if payload.get("version") != VERSION:
-        raise EngineStateError(f"{path}: engine-state format version {payload.get('version')}, this code reads {VERSION}")
+        raise EngineStateError(f"{path}: engine-state format version {payload.get('version')}, this code reads "
+                               f"{VERSION}")
     return payload

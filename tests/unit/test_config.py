@@ -187,7 +187,8 @@ def test_non_finite_numbers_are_refused_in_directly_built_sections():
         (_with("data", augment={"color_jitter": 1.5}), "data.augment.color_jitter must be in [0, 1), got 1.5"),
         (_with("data", augment={"random_resized_crop": [0.9, 0.5]}),
          "data.augment.random_resized_crop must satisfy 0 < min <= max <= 1, got (0.9, 0.5)"),
-        (_with("train", on_divergence="retry"), "train.on_divergence must be one of ['abort', 'rollback'], got 'retry'"),
+        (_with("train", on_divergence="retry"),
+         "train.on_divergence must be one of ['abort', 'rollback'], got 'retry'"),
         (_with("train", rollback_lr_factor=1.5), "train.rollback_lr_factor must be in (0, 1], got 1.5"),
         (_with("train", on_divergence="rollback", max_rollbacks=0), "train.max_rollbacks must be > 0 when"),
     ],
@@ -217,7 +218,8 @@ def test_deepspeed_extra_must_not_override_our_keys(extra, key, owner):
     with pytest.raises(ConfigError) as err:
         Config.from_dict(_with("deepspeed", extra=extra))
     text = str(err.value)
-    assert text.startswith(f"deepspeed.extra.{key} is not allowed, got ") and f"the trainer sets it from {owner}" in text
+    assert text.startswith(f"deepspeed.extra.{key} is not allowed, got "), text
+    assert f"the trainer sets it from {owner}" in text, text
 
 
 def test_accepted_options_pass_and_reach_the_deepspeed_config():
