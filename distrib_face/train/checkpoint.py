@@ -216,6 +216,7 @@ def save_checkpoint(
     except NonFiniteStateError:
         if ctx.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a stale attempt at this step
+        barrier(ctx.group)  # every rank raises with the folder already clean
         raise
     if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

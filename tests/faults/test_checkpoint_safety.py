@@ -415,7 +415,7 @@ def _injections(bundle, classifier, aux) -> list[tuple[str, torch.Tensor, tuple]
 def _divergence_worker(rank: int, world_size: int, root: str, zero_stage: int, precision: str) -> dict:
     _quiet()
     from distrib_face.config import TrainConfig
-    from distrib_face.parallel import init_distributed
+    from distrib_face.parallel import barrier, init_distributed
     from distrib_face.train.checkpoint import TrainerState, check_finite_state
     from distrib_face.train.divergence import NonFiniteStateError, rollback_to_last_good
 
@@ -428,6 +428,8 @@ def _divergence_worker(rank: int, world_size: int, root: str, zero_stage: int, p
     continued = _train(range(2, 4), ctx, *parts)
     out: dict = {"refusals": [], "good": str(good)}
     for name, tensor, index in _injections(bundle, classifier, aux):
+        if rank == 0:  # a stale attempt at this step (a crash mid-write): the refusal removes it too
+            (root / "step_000000004.tmp" / "engine").mkdir(parents=True, exist_ok=True)
         saved_value = tensor[index].clone()
         if rank == 1:  # one rank only: the flag must still reach every rank
             with torch.no_grad():
@@ -447,6 +449,7 @@ def _divergence_worker(rank: int, world_size: int, root: str, zero_stage: int, p
         with torch.no_grad():
             tensor[index] = saved_value
         last_error = error
+        barrier(ctx.group)  # every rank has looked at the folder before rank 0 stages the next stale attempt
     # The last injection (a centre) is put back in; poison the class shard again and roll back for real.
     check = dict(ctx=ctx, engine=bundle.engine, classifier=classifier, shard_optimizer=shard_optimizer, step=4,
                  auxiliary=(aux, aux_optimizer))
