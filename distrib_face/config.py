@@ -16,6 +16,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,18 @@ def _check_positive(path: str, value: float | int) -> None:
 def _check_non_negative(path: str, value: float | int) -> None:
     if not value >= 0:
         _fail(path, "must be >= 0", value)
+
+
+def _check_finite_tree(path: str, value: Any) -> None:
+    """Refuse NaN / Inf anywhere in ``value`` (nested mappings and lists too), naming the field path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} must be a finite number, got {value!r}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite_tree(f"{path}.{key}" if path else str(key), item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite_tree(f"{path}[{i}]", item)
 
 
 @dataclass(kw_only=True)
@@ -112,6 +125,14 @@ class DataConfig:
                   self.max_image_pixels)
         if self.source == "shards" and not self.shards:
             raise ConfigError("data.shards must name a shard folder or manifest when data.source is 'shards', got None")
+        if isinstance(self.augment, dict):
+            from distrib_face.data.augment import resolve_augment  # the loader's own reading of the mapping
+
+            try:
+                resolve_augment(self.augment)
+            except (TypeError, ValueError) as err:
+                text = str(err)
+                raise ConfigError(f"data.{text}" if text.startswith("augment") else f"data.augment: {text}") from err
 
 
 @dataclass(kw_only=True)
@@ -134,11 +155,32 @@ class ModelConfig:
     """Recompute the activations of each residual stage in the backward pass (saves memory, costs ~30% time)."""
 
     def __post_init__(self) -> None:
-        if not self.backbone:
-            _fail("model.backbone", "must name a registered backbone", self.backbone)
+        from distrib_face.models.registry import backbone_options, is_backbone, list_backbones
+
+        if not self.backbone or not is_backbone(self.backbone):
+            raise ConfigError(f"model.backbone must be a registered backbone ({', '.join(list_backbones())}), "
+                              f"got {self.backbone!r}")
         _check_positive("model.embedding_size", self.embedding_size)
         if not 0.0 <= self.dropout < 1.0:
             _fail("model.dropout", "must be in [0, 1)", self.dropout)
+        for key, owner in _MODEL_FIELDS.items():
+            if key in self.kwargs:
+                raise ConfigError(f"model.kwargs.{key} is set by {owner}, got {self.kwargs[key]!r}: use {owner}")
+        accepted = backbone_options(self.backbone)
+        if accepted is not None:  # None: a factory taking any keyword (nothing to check against)
+            options = sorted(set(accepted) - set(_MODEL_FIELDS))
+            for key, value in self.kwargs.items():
+                if key not in accepted:
+                    raise ConfigError(f"model.kwargs.{key} is not an option of backbone {self.backbone!r}, got "
+                                      f"{value!r} (accepted: {', '.join(options)})")
+            if self.gradient_checkpointing and "gradient_checkpointing" not in accepted:
+                raise ConfigError(f"model.gradient_checkpointing is not supported by backbone {self.backbone!r}, "
+                                  f"got True (its options: {', '.join(options)})")
+
+
+_MODEL_FIELDS = {"embedding_size": "model.embedding_size", "dropout": "model.dropout",
+                 "channels_last": "model.channels_last"}
+"""Backbone keywords the trainer passes from their own config fields (so model.kwargs must not repeat them)."""
 
 
 @dataclass(kw_only=True)
@@ -180,11 +222,18 @@ class LossConfig:
         from distrib_face.losses.auxiliary import AuxLossSpec
         from distrib_face.losses.margins import list_margins  # the registry is the source of truth
 
+        seen: dict[str, int] = {}
         for i, spec in enumerate(self.auxiliary):
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"loss.auxiliary[{i}] must be a mapping {{name, weight, options}}, got {spec!r}")
             try:
-                AuxLossSpec.from_dict(dict(spec))
+                name = AuxLossSpec.from_dict(dict(spec)).name
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"loss.auxiliary[{i}]: {err}") from err
+            if name in seen:
+                raise ConfigError(f"loss.auxiliary[{i}]: auxiliary loss {name!r} is already "
+                                  f"loss.auxiliary[{seen[name]}], got {dict(spec)!r}: list each loss once")
+            seen[name] = i
 
         _check_choice("loss.margin", self.margin, list_margins())
         if not 0.0 < self.sample_rate <= 1.0:
@@ -209,6 +258,19 @@ class LossConfig:
                 isinstance(self.grad_filter, (bool, str)) or not 0.0 <= float(self.grad_filter) < 1.0
             ):
                 _fail("loss.grad_filter", "must be 'auto', a probability in [0, 1) or null", self.grad_filter)
+        self._check_margin_builds()
+
+    def _check_margin_builds(self) -> None:
+        """Build the margin as the trainer will (cheap: a few scalars): its options are checked by the margin itself."""
+        from distrib_face.losses.margins import create_margin
+
+        overrides: dict[str, Any] = {key: getattr(self, key) for key in
+                                     ("scale", "angular_margin", "additive_margin", "multiplicative_margin")
+                                     if getattr(self, key) is not None}
+        try:
+            create_margin(self.margin, **overrides, options=dict(self.options))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"loss.options {dict(self.options)!r} (loss.margin {self.margin!r}): {err}") from err
 
 
 @dataclass(kw_only=True)
@@ -319,12 +381,51 @@ class DeepSpeedConfig:
         _check_positive("deepspeed.loss_scale_window", self.loss_scale_window)
         _check_positive("deepspeed.hysteresis", self.hysteresis)
         _check_positive("deepspeed.min_loss_scale", self.min_loss_scale)
-        if "optimizer" in self.extra:
-            raise ConfigError(
-                "deepspeed.extra.optimizer is not allowed, got "
-                f"{self.extra['optimizer']!r}: the trainer passes a torch optimizer (a DeepSpeed optimizer block "
-                "JIT-builds FusedAdam, ~75 s); choose it with optim.name"
-            )
+        _check_extra(self.extra)
+
+
+_DEEPSPEED_OWNED: dict[str, str] = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "train_batch_size": "data.batch_size (times optim.grad_accum and the world size)",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.name: the trainer passes a torch optimizer (a DeepSpeed optimizer block JIT-builds "
+                 "FusedAdam, ~75 s)",
+    "scheduler": "schedule: the trainer sets both optimisers' learning rates every step",
+    "bf16": "deepspeed.precision",
+    "fp16": "deepspeed.precision and deepspeed.loss_scale / initial_scale_power / loss_scale_window / hysteresis / "
+            "min_loss_scale",
+    "amp": "deepspeed.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "data_types.buffer_dtype": "deepspeed.precision (bf16 keeps the BatchNorm buffers in bf16)",
+}
+"""Keys of the DeepSpeed JSON the trainer sets from its own fields: deepspeed.extra must not override them."""
+
+_DEEPSPEED_UNSUPPORTED: dict[str, str] = {
+    "zero_optimization.elastic_checkpoint": "every rank checkpoints and restores its own ZeRO partition "
+                                            "(distrib_face.train.engine_state)",
+}
+
+
+def _check_extra(extra: Mapping[str, Any]) -> None:
+    for dotted, owner in _DEEPSPEED_OWNED.items():
+        found, value = _dig(extra, dotted)
+        if found:
+            raise ConfigError(f"deepspeed.extra.{dotted} is not allowed, got {value!r}: the trainer sets it from "
+                              f"{owner}; set that instead")
+    for dotted, why in _DEEPSPEED_UNSUPPORTED.items():
+        found, value = _dig(extra, dotted)
+        if found and value:
+            raise ConfigError(f"deepspeed.extra.{dotted} is not supported, got {value!r}: {why}")
+
+
+def _dig(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 @dataclass(kw_only=True)
@@ -370,6 +471,15 @@ class TrainConfig:
     for time-sliced jobs and resume tests."""
     export_onnx: bool = True
     """Export the final backbone to ONNX (and log it to MLflow)."""
+    on_divergence: Literal["abort", "rollback"] = "abort"
+    """What a non-finite training state found when a checkpoint is due does (the checkpoint is never written):
+    ``abort`` raises ``NonFiniteStateError`` naming the tensors and the last good checkpoint (exit 1);
+    ``rollback`` reloads the last good checkpoint, multiplies both learning rates by ``rollback_lr_factor``
+    and trains on, at most ``max_rollbacks`` times."""
+    rollback_lr_factor: float = 0.5
+    """``on_divergence: rollback``: what multiplies the learning rates at each rollback, in (0, 1]."""
+    max_rollbacks: int = 3
+    """``on_divergence: rollback``: give up (abort) after this many rollbacks in one run."""
 
     def __post_init__(self) -> None:
         if (self.total_steps is None) == (self.epochs is None):
@@ -394,6 +504,13 @@ class TrainConfig:
             _fail("train.output_dir", "must be a folder path", self.output_dir)
         if not self.resume:
             _fail("train.resume", "must be 'auto', 'never' or a checkpoint folder", self.resume)
+        _check_choice("train.on_divergence", self.on_divergence, ("abort", "rollback"))
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            _fail("train.rollback_lr_factor", "must be in (0, 1]", self.rollback_lr_factor)
+        _check_non_negative("train.max_rollbacks", self.max_rollbacks)
+        if self.on_divergence == "rollback" and self.max_rollbacks == 0:
+            raise ConfigError("train.max_rollbacks must be > 0 when train.on_divergence is 'rollback', got 0 "
+                              "(or set train.on_divergence: abort)")
 
 
 @dataclass(kw_only=True)
@@ -479,6 +596,7 @@ class Config:
     """Where each rank computes: ``cpu``, or ``cuda`` (the rank's local GPU)."""
 
     def __post_init__(self) -> None:
+        _check_finite_tree("", self.to_dict())  # also for sections built directly, not through from_dict
         _check_choice("device", self.device, ("cpu", "cuda"))
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
             raise ConfigError(
@@ -517,6 +635,7 @@ class Config:
         for required in ("data", "train"):
             if required not in data:
                 raise ConfigError(f"{required} section is required, got none")
+        _check_finite_tree("", data)  # before the sections, whose range checks would let +inf pass
         kwargs: dict[str, Any] = {}
         for name, section_cls in _SECTIONS.items():
             if name in data:

@@ -54,7 +54,7 @@ def _bench_classifier(args: argparse.Namespace) -> int:
 def _reshard(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from distrib_face.cli import CommandError
+    from distrib_face.cli import CommandError, one_line
     from distrib_face.parallel.checkpoint import reshard
 
     src = Path(args.src)
@@ -68,6 +68,9 @@ def _reshard(args: argparse.Namespace) -> int:
                                f"{src / 'classifier'}; give a checkpoint folder (step_N) or its classifier/ folder")
     if args.world_size < 1:
         raise CommandError(f"--world-size must be >= 1, got {args.world_size}")
-    written = reshard(src, args.dst, args.world_size)
+    try:
+        written = reshard(src, args.dst, args.world_size)
+    except (OSError, ValueError) as err:  # missing / damaged / refused shard files: the message names the file
+        raise CommandError(one_line(err)) from err
     print(f"wrote {len(written)} shard file(s) to {args.dst}")
     return 0

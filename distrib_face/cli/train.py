@@ -10,7 +10,9 @@ by ``load_config``), the input files it names, that the output folder (and Ray's
 file, and that the MLflow store can be written. Exit codes (docs/training.md): 0 finished (or stopped by
 ``train.max_steps_this_run`` with a checkpoint), 1 training failed, 2 bad config or input (config, input
 files, checkpoint, output location, MLflow store); every failure is one line on stderr, with a traceback
-only at ``--log-level DEBUG`` (or for an unexpected error).
+only at ``--log-level DEBUG`` (or for an unexpected error). A non-finite state at a checkpoint is a
+training failure (1); a checkpoint or backbone file that is damaged, does not fit, or is refused because
+loading it could run code is bad input (2).
 """
 
 from __future__ import annotations

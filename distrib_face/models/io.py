@@ -22,6 +22,7 @@ from torch import nn
 
 from distrib_face.atomic import atomic_open
 from distrib_face.models.registry import create_backbone, is_backbone, list_backbones
+from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 
 FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -107,7 +108,9 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a backbone file (save_backbone writes a torch zip archive; an exported model is an .onnx)"
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = safe_torch_load(path)
+    except UnsafeFileError as exc:
+        raise BackboneFileError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types on foreign files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackboneFileError(f"{path}: not a backbone file written by save_backbone ({first_line})") from exc
