@@ -97,6 +97,7 @@ class TrainerState:
         world_size: ranks that wrote the checkpoint.
         run_id: the MLflow run id, so a resumed run continues the same MLflow run.
         loss_history: ``[step, loss]`` pairs of the logged steps (for the loss curve).
+        lr_history: ``[step, backbone lr, classifier lr]`` of the logged steps (for the training figure).
         eval_history: ``[step, {name: accuracy}]`` of the verifications so far.
         rollbacks: how often ``train.on_divergence: rollback`` went back to an earlier checkpoint.
         lr_scale: what multiplies both peak learning rates (``train.rollback_lr_factor`` per rollback; 1.0).
@@ -112,6 +113,7 @@ class TrainerState:
     world_size: int = 1
     run_id: str | None = None
     loss_history: list[list[float]] = field(default_factory=list)
+    lr_history: list[list[float]] = field(default_factory=list)
     eval_history: list[list[Any]] = field(default_factory=list)
     rollbacks: int = 0
     lr_scale: float = 1.0

@@ -10,7 +10,9 @@ Keys:
 - ``nan_micro_steps``: make the loss NaN at these micro-steps (0-based count of batches drawn by this
   process's run, resumes included), as a diverging run would.
 - ``nan_weights_at_step``: after this optimiser step, write NaN into one class-shard row on rank
-  ``nan_weights_rank`` (default 0): the state a diverged run would try to checkpoint.
+  ``nan_rank`` (default 0), once per process: every later loss is NaN (a divergence the loss shows).
+- ``nan_buffer_at_step``: the same for the backbone's first floating buffer (a BatchNorm running mean):
+  training losses stay finite, only the state is poisoned (a divergence only the checkpoint check sees).
 - ``exit_at_step``: ``os._exit(exit_code)`` (default 137, like SIGKILL) right after this optimiser step.
 - ``exit_in_checkpoint_at_step``: ``os._exit`` in the middle of writing this step's checkpoint, after the
   rank's files are written and before the folder is published.
@@ -36,7 +38,8 @@ class InjectedFaults:
 
     nan_micro_steps: frozenset[int] = field(default_factory=frozenset)
     nan_weights_at_step: int | None = None
-    nan_weights_rank: int = 0
+    nan_buffer_at_step: int | None = None
+    nan_rank: int = 0
     exit_at_step: int | None = None
     exit_in_checkpoint_at_step: int | None = None
     exit_code: int = 137
@@ -51,7 +54,7 @@ class InjectedFaults:
             spec = json.loads(raw)
         except json.JSONDecodeError as err:
             raise ValueError(f"{ENV_VAR} is not JSON: {err}") from err
-        known = {"nan_micro_steps", "nan_weights_at_step", "nan_weights_rank", "exit_at_step",
+        known = {"nan_micro_steps", "nan_weights_at_step", "nan_buffer_at_step", "nan_rank", "exit_at_step",
                  "exit_in_checkpoint_at_step", "exit_code"}
         unknown = set(spec) - known
         if unknown:
@@ -60,7 +63,8 @@ class InjectedFaults:
         return cls(
             nan_micro_steps=frozenset(int(s) for s in spec.get("nan_micro_steps", ())),
             nan_weights_at_step=spec.get("nan_weights_at_step"),
-            nan_weights_rank=int(spec.get("nan_weights_rank", 0)),
+            nan_buffer_at_step=spec.get("nan_buffer_at_step"),
+            nan_rank=int(spec.get("nan_rank", 0)),
             exit_at_step=spec.get("exit_at_step"),
             exit_in_checkpoint_at_step=spec.get("exit_in_checkpoint_at_step"),
             exit_code=int(spec.get("exit_code", 137)),

@@ -45,6 +45,7 @@ from distrib_face.train.checkpoint import (
 )
 from distrib_face.train.components import Components, build_components, seed_everything
 from distrib_face.train.data import restore_loader
+from distrib_face.train.divergence import NonFiniteStateError, rollback_to_last_good
 from distrib_face.train.engine import backbone_state_dict_fp32, build_backbone, save_ds_config
 from distrib_face.train.faults import InjectedFaults
 from distrib_face.train.progress import Progress
@@ -187,6 +188,7 @@ class Trainer:
         if cfg.train.max_steps_this_run is not None:
             self.stop_at = min(self.stop_at, self.start_step + cfg.train.max_steps_this_run)
         self.faults = InjectedFaults.from_env()
+        self._nan_injected: set[str] = set()
         self.runner = StepRunner(cfg, ctx, self.parts)
         self.verifier = Verifier(cfg, ctx, self.parts)
         self.checkpointer = Checkpointer(cfg, ctx, self.parts, self.output_dir / "checkpoints", self.faults)
@@ -250,7 +252,9 @@ class Trainer:
             The summary (see :meth:`finish`).
 
         Raises:
-            NonFiniteLossError: ``train.max_bad_steps`` non-finite losses in a row.
+            NonFiniteLossError: ``train.max_bad_steps`` non-finite losses in a row, and
+            NonFiniteStateError: a non-finite state when a checkpoint was due (nothing is published), when
+                ``train.on_divergence`` is ``abort`` or the rollbacks (``train.max_rollbacks``) are used up.
         """
         status = "FAILED"
         finished = False
@@ -263,15 +267,10 @@ class Trainer:
             self.parts.engine.train()
             self.parts.classifier.train()
             while self.state.step < self.stop_at:
-                metrics = self.train_step()
-                self.progress.step(self.state.step, metrics, note=self.data_note)
-                if self.verifier.should_eval(self.state.step):
-                    self._verify("during training")
-                saved = self.checkpointer.maybe_save(self.state, self.stop_at)
-                if saved is not None:
-                    self.faults.maybe_exit(self.state.step)
-                    if self.reporter is not None and self.state.step < self.stop_at:
-                        self.reporter.report({"step": self.state.step, "loss": self.last_loss}, str(saved))
+                try:
+                    self._advance()
+                except (NonFiniteLossError, NonFiniteStateError) as err:
+                    self._roll_back(err)  # re-raises unless train.on_divergence is rollback
             summary = self.finish()
             finished = summary["finished"]
             status = "FINISHED" if finished else STOPPED_EARLY_STATUS
@@ -283,6 +282,66 @@ class Trainer:
             self.progress.close()
             self.parts.tracker.end(status=status)
 
+    def _advance(self) -> None:
+        """One step and what is due after it: the progress line, verification, a checkpoint, a report."""
+        metrics = self.train_step()
+        self.progress.step(self.state.step, metrics, note=self.data_note)
+        self._inject_nan_state()
+        if self.verifier.should_eval(self.state.step):
+            self._verify("during training")
+        saved = self.checkpointer.maybe_save(self.state, self.stop_at)  # refuses a non-finite state
+        if saved is not None:
+            self.faults.maybe_exit(self.state.step)
+            if self.reporter is not None and self.state.step < self.stop_at:
+                self.reporter.report({"step": self.state.step, "loss": self.last_loss}, str(saved))
+
+    def _roll_back(self, err: Exception) -> None:
+        """``train.on_divergence: rollback``: reload the last good checkpoint into the live components, lower
+        the learning rates and go on from there (collective); re-raises ``err`` when the config says abort or
+        the rollbacks are used up (:func:`~distrib_face.train.divergence.rollback_to_last_good`)."""
+        parts, ctx = self.parts, self.ctx
+        diverged_at = self.state.step
+        loaded = rollback_to_last_good(
+            err, self.output_dir / "checkpoints", train_cfg=self.cfg.train, trainer_state=self.state, ctx=ctx,
+            engine=parts.engine, classifier=parts.classifier, shard_optimizer=parts.shard_optimizer,
+            auxiliary=(parts.auxiliary, parts.aux_optimizer),
+        )
+        # Gradients of the diverged micro-batches must not reach the first step after the rollback.
+        parts.engine.zero_grad()
+        parts.shard_optimizer.zero_grad()
+        if parts.aux_optimizer is not None:
+            parts.aux_optimizer.zero_grad(set_to_none=True)
+        self.state = loaded.trainer_state
+        self.state.run_id = self.parts.tracker.run_id or self.state.run_id
+        restore_loader(parts.data.loader, loaded.loader_states, ctx.rank, ctx.world_size, epoch=self.state.epoch,
+                       samples_in_epoch=self.state.epoch_samples, batch_size=self.cfg.data.batch_size)
+        self._data_iter = iter(parts.data.loader)
+        self.window = MetricAggregator(group=ctx.group, device=ctx.device)  # the diverged steps' losses go
+        self._window_images, self._window_seconds = 0, 0.0
+        self.checkpointer.last = loaded.path
+        parts.tracker.set_tags({f"rolled_back_at_step_{diverged_at}": f"to step {self.state.step}: {str(err)[:200]}"})
+        parts.tracker.log_metrics({"rollbacks": self.state.rollbacks, "lr_scale": self.state.lr_scale},
+                                  step=self.state.step)
+        self.progress.message(f"diverged at step {diverged_at}: rolled back to step {self.state.step}, learning rates "
+                              f"x{self.state.lr_scale:g} (rollback {self.state.rollbacks} of "
+                              f"{self.cfg.train.max_rollbacks})")
+
+    def _inject_nan_state(self) -> None:
+        """The test-only faults of :mod:`distrib_face.train.faults`: NaN in one class row or one backbone
+        buffer, on one rank, once per process."""
+        faults, step = self.faults, self.state.step
+        due = [name for name, at in (("weights", faults.nan_weights_at_step), ("buffer", faults.nan_buffer_at_step))
+               if at == step and name not in self._nan_injected]
+        for name in due:
+            self._nan_injected.add(name)
+            if self.ctx.rank != faults.nan_rank:
+                continue
+            with torch.no_grad():
+                if name == "weights":
+                    self.parts.classifier.weight[0, 0] = float("nan")
+                else:
+                    next(b for b in self.parts.engine.module.buffers() if b.is_floating_point()).fill_(float("nan"))
+
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step (``optim.grad_accum`` good micro-batches); the logged metrics on logging steps.
 
@@ -291,7 +350,9 @@ class Trainer:
         """
         cfg, state, parts = self.cfg, self.state, self.parts
         start = time.perf_counter()
-        set_learning_rates(parts.optimizers, parts.peaks, parts.schedule.factor(state.step))
+        # state.lr_scale: 1, or lower after rollbacks (train.on_divergence); it is saved with the checkpoints.
+        peaks = [peak * state.lr_scale for peak in parts.peaks]
+        set_learning_rates(parts.optimizers, peaks, parts.schedule.factor(state.step))
         # Every rank logs at the same steps (the window is a collective), and always at the last step of this
         # run, so the summary's final_loss is the last logged loss.
         log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 in (parts.total_steps, self.stop_at)
@@ -321,6 +382,7 @@ class Trainer:
             self.data_note = data_counts.progress_text()
         parts.tracker.log_metrics(metrics, step=state.step)
         state.loss_history.append([state.step, metrics["loss"]])
+        state.lr_history.append([state.step, metrics["lr"], metrics["lr_classifier"]])
         return metrics
 
     def _good_micro_batch(self) -> float:
@@ -460,9 +522,8 @@ class Trainer:
         parts, history = self.parts, self.state.loss_history
         tracker = parts.tracker
         if history:
-            # The rate logged at step s is the one step s ran with: peak x factor(s - 1).
-            lr_history = {name: [(s, peak * parts.schedule.factor(int(s) - 1)) for s, _ in history]
-                          for name, peak in zip(("backbone", "classifier"), parts.peaks)}
+            rates = self.state.lr_history  # what each logged step ran with (rollbacks included)
+            lr_history = {"backbone": [(s, lr) for s, lr, _ in rates], "classifier": [(s, lr) for s, _, lr in rates]}
             figure = plot_training_curves(history, self.output_dir / "training.png", lr_history=lr_history,
                                           eval_history=self.state.eval_history)
             tracker.log_artifact(figure, subdir="plots")

@@ -165,3 +165,21 @@ def test_online_logsumexp_merges_partial_statistics():
     want = torch.logsumexp(torch.cat([logits[:, :3], logits, extra[:, None]], dim=1), dim=1)
     got = stats.logsumexp(None, extra=extra)
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_a_nan_weight_row_makes_the_loss_nan_not_zero():
+    """A NaN logit must not pass for an empty row (max -inf): the loss has to show the divergence."""
+    from distrib_face.parallel.softmax_stats import OnlineLogSumExp
+
+    torch.manual_seed(0)
+    for fast in (True, False):
+        clf = ShardedMarginClassifier(12, 8, margin="cosface", dtype=torch.float64)
+        clf.fast_path = fast
+        with torch.no_grad():
+            clf.weight[3, 0] = float("nan")
+        loss = clf(torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 4, 5]))
+        assert torch.isnan(loss), (fast, loss)
+    stats = OnlineLogSumExp((2,), torch.float64, torch.device("cpu"))
+    stats.update(torch.tensor([[0.0, float("nan")], [float("-inf"), float("-inf")]], dtype=torch.float64))
+    lse = stats.logsumexp(None, extra=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.isnan(lse[0]) and lse[1].item() == 2.0  # an all-masked row is just its target
