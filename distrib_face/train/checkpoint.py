@@ -44,7 +44,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -183,6 +183,7 @@ def save_checkpoint(
     backbone_file: tuple[Any, str, dict[str, Any]] | None,
     keep: int = 0,
     auxiliary: tuple[Any, Any] = (None, None),
+    before_publish: Callable[[], None] | None = None,
 ) -> Path:
     """Write one checkpoint under ``root`` (collective: every rank calls it at the same step).
 
@@ -199,6 +200,8 @@ def save_checkpoint(
         keep: keep only this many newest step checkpoints (0: all).
         auxiliary: ``(module, optimizer)`` of the auxiliary losses (their class centres are sharded like the
             classifier, so each rank writes its own ``ranks/rank_RRRRR_aux.pt``), or ``(None, None)``.
+        before_publish: called on every rank once every part is written, before the folder is published
+            (the test-only "killed in the middle of a checkpoint" fault).
 
     Returns:
         The final checkpoint folder (the same path on every rank).
@@ -256,6 +259,8 @@ def save_checkpoint(
         payload = {"format": FORMAT, "version": VERSION, **asdict(trainer_state), "config": redact(config)}
         (tmp / TRAINER_FILE).write_text(json.dumps(payload, indent=1))
     barrier(ctx.group)
+    if before_publish is not None:
+        before_publish()
     if ctx.rank == 0:
         _publish(root, tmp, final)
     barrier(ctx.group)

@@ -13,9 +13,10 @@ Keys:
   ``nan_rank`` (default 0), once per process: every later loss is NaN (a divergence the loss shows).
 - ``nan_buffer_at_step``: the same for the backbone's first floating buffer (a BatchNorm running mean):
   training losses stay finite, only the state is poisoned (a divergence only the checkpoint check sees).
-- ``exit_at_step``: ``os._exit(exit_code)`` (default 137, like SIGKILL) right after this optimiser step.
-- ``exit_in_checkpoint_at_step``: ``os._exit`` in the middle of writing this step's checkpoint, after the
-  rank's files are written and before the folder is published.
+- ``exit_at_step``: right after this optimiser step (and its checkpoint, if one is due), the process kills
+  itself with SIGKILL (``exit_code`` 137, the default) or leaves with ``os._exit(exit_code)``.
+- ``exit_in_checkpoint_at_step``: the same in the middle of writing this step's checkpoint, after every
+  part is written and before the folder is published.
 
 Unset (the normal case) everything is off and costs one dictionary lookup per step.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -76,4 +78,6 @@ class InjectedFaults:
         if due is not None and step == due:
             logger.warning("test fault: exiting at step %d%s", step, " inside the checkpoint write" if in_checkpoint else "")
             logging.shutdown()
+            if self.exit_code == 128 + signal.SIGKILL:
+                os.kill(os.getpid(), signal.SIGKILL)  # what kill -9 does: no handler, no clean-up runs
             os._exit(self.exit_code)

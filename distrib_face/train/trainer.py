@@ -140,6 +140,7 @@ class Checkpointer:
             shard_optimizer=parts.shard_optimizer, trainer_state=state, loader_state=parts.data.loader.state_dict(),
             config=cfg.to_dict(), ds_config=parts.ds_config, backbone_file=self._backbone_file(),
             keep=cfg.train.keep_checkpoints, auxiliary=(parts.auxiliary, parts.aux_optimizer),
+            before_publish=lambda: self.faults.maybe_exit(state.step, in_checkpoint=True),
         )
         return self.last
 
@@ -290,10 +291,9 @@ class Trainer:
         if self.verifier.should_eval(self.state.step):
             self._verify("during training")
         saved = self.checkpointer.maybe_save(self.state, self.stop_at)  # refuses a non-finite state
-        if saved is not None:
-            self.faults.maybe_exit(self.state.step)
-            if self.reporter is not None and self.state.step < self.stop_at:
-                self.reporter.report({"step": self.state.step, "loss": self.last_loss}, str(saved))
+        if saved is not None and self.reporter is not None and self.state.step < self.stop_at:
+            self.reporter.report({"step": self.state.step, "loss": self.last_loss}, str(saved))
+        self.faults.maybe_exit(self.state.step)
 
     def _roll_back(self, err: Exception) -> None:
         """``train.on_divergence: rollback``: reload the last good checkpoint into the live components, lower
