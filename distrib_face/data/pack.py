@@ -292,29 +292,9 @@ def pack(
                "quality": quality, "image_size": image_size, "verify": verify, "max_image_pixels": max_image_pixels}
     listing = _listing_hash(scanned, options)
 
-    out.mkdir(parents=True, exist_ok=True)
-    existing = _existing_outputs(out, prefix)
-    state: dict[str, Any] = {"listing": listing, "items_done": 0, "shards": [], "class_counts": [0] * len(labels),
-                             "skipped": [], "sizes": []}
-    if existing:
-        if if_exists == "refuse":
-            raise PackError(f"{out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
-                            "pass --if-exists resume or overwrite")
-        finished = _finished_pack(out, listing)
-        if if_exists == "resume" and finished is not None:
-            log.info("%s: already packed from the same input with the same options; nothing to do", out)
-            return finished
-        if if_exists == "overwrite":
-            for path in existing:
-                path.unlink()
-        else:
-            state = _load_resume_state(out, listing)
-            for path in _existing_outputs(out, prefix):
-                if path.suffix == ".tmp" or (path.suffix == ".tar" and path.name not in
-                                             {s["name"] for s in state["shards"]}):
-                    path.unlink()  # a shard that was being written when the previous run stopped
-            log.info("resuming %s after %d of %d images (%d shards done)", out, state["items_done"],
-                     len(scanned.items), len(state["shards"]))
+    state, finished = _open_output(out, prefix, if_exists, listing, len(labels), len(scanned.items))
+    if finished is not None:
+        return finished
 
     writer = ShardWriter(out, prefix=prefix, max_count=max_count, max_bytes=int(max_mb * 1024 * 1024),
                          start_index=len(state["shards"]))
@@ -348,7 +328,43 @@ def pack(
         state["shards"].append({"name": last.path.name, "count": last.count, "bytes": last.bytes,
                                 "sha256": last.sha256})
 
-    shards = state["shards"]
+    return _write_results(out, scanned, labels, options, listing, state["shards"], class_counts, skipped, sizes)
+
+
+def _open_output(out: Path, prefix: str, if_exists: str, listing: str, num_classes: int,
+                 num_items: int) -> tuple[dict[str, Any], PackResult | None]:
+    """Prepare ``out`` for packing: the state to start from (fresh, or a resumed run's), or the result of an
+    identical finished pack (then nothing is left to do)."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _existing_outputs(out, prefix)
+    state: dict[str, Any] = {"listing": listing, "items_done": 0, "shards": [], "class_counts": [0] * num_classes,
+                             "skipped": [], "sizes": []}
+    if not existing:
+        return state, None
+    if if_exists == "refuse":
+        raise PackError(f"{out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
+                        "pass --if-exists resume or overwrite")
+    finished = _finished_pack(out, listing)
+    if if_exists == "resume" and finished is not None:
+        log.info("%s: already packed from the same input with the same options; nothing to do", out)
+        return state, finished
+    if if_exists == "overwrite":
+        for path in existing:
+            path.unlink()
+        return state, None
+    state = _load_resume_state(out, listing)
+    for path in _existing_outputs(out, prefix):
+        if path.suffix == ".tmp" or (path.suffix == ".tar" and path.name not in {s["name"] for s in state["shards"]}):
+            path.unlink()  # a shard that was being written when the previous run stopped
+    log.info("resuming %s after %d of %d images (%d shards done)", out, state["items_done"], num_items,
+             len(state["shards"]))
+    return state, None
+
+
+def _write_results(out: Path, scanned: Source, labels: dict[str, int], options: dict[str, Any], listing: str,
+                   shards: list[dict[str, Any]], class_counts: list[int], skipped: list[dict[str, Any]],
+                   sizes: set[tuple[int, int]]) -> PackResult:
+    """The manifest and ``pack_report.json`` of a finished pack (the progress file goes)."""
     emptied = [name for name, label in labels.items() if class_counts[label] == 0]
     manifest = Manifest(
         num_classes=len(labels), num_samples=sum(s["count"] for s in shards),
