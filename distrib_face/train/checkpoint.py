@@ -44,7 +44,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -53,7 +53,17 @@ from distrib_face.atomic import fsync_dir, fsync_tree, write_text
 from distrib_face.parallel import barrier
 from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 from distrib_face.train import engine_state
-from distrib_face.train.divergence import NonFiniteStateError, find_non_finite, non_finite_state_error
+from distrib_face.train.divergence import (
+    NonFiniteStateError,
+    find_non_finite,
+    non_finite_state_error,
+)
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    
+    from distrib_face.parallel import ProcessContext, ShardedMarginClassifier
+    from distrib_face.parallel.optim import ShardOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +182,10 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def save_checkpoint(
     root: str | os.PathLike,
     *,
-    ctx: Any,
-    engine: Any,
-    classifier: Any,
-    shard_optimizer: Any,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     trainer_state: TrainerState,
     loader_state: dict[str, Any] | None,
     config: dict[str, Any],
@@ -276,10 +286,10 @@ def save_checkpoint(
 def check_finite_state(
     root: str | os.PathLike,
     *,
-    ctx: Any,
-    engine: Any,
-    classifier: Any,
-    shard_optimizer: Any,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     step: int,
     auxiliary: tuple[Any, Any] = (None, None),
 ) -> None:
@@ -408,10 +418,10 @@ def read_trainer_state(path: Path) -> tuple[TrainerState, dict[str, Any]]:
 def load_checkpoint(
     path: str | os.PathLike,
     *,
-    ctx: Any,
-    engine: Any,
-    classifier: Any,
-    shard_optimizer: Any,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     auxiliary: tuple[Any, Any] = (None, None),
 ) -> LoadedCheckpoint:
     """Restore a checkpoint in place, into fresh or live (already trained) components (collective).
@@ -449,7 +459,7 @@ _EXPECTED_LOAD_ERRORS = (CheckpointError, UnsafeFileError, engine_state.EngineSt
                          RuntimeError, KeyError)
 
 
-def _agree(error: BaseException | None, ctx: Any) -> None:
+def _agree(error: BaseException | None, ctx: ProcessContext) -> None:
     """Raise on every rank when any rank failed (one all-reduce when all went well)."""
     from distrib_face.parallel.collectives import all_reduce_tensor, broadcast_object
 
@@ -476,7 +486,8 @@ def _agree(error: BaseException | None, ctx: Any) -> None:
 
 
 def _load_local(
-    path: str | os.PathLike, *, ctx: Any, engine: Any, classifier: Any, shard_optimizer: Any,
+    path: str | os.PathLike, *, ctx: ProcessContext, engine: DeepSpeedEngine, classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     auxiliary: tuple[Any, Any],
 ) -> LoadedCheckpoint:
     """This rank's part of :func:`load_checkpoint`: no collectives, so a failure cannot leave other ranks waiting."""

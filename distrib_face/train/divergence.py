@@ -19,9 +19,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from distrib_face.config import TrainConfig
+    from distrib_face.parallel import ProcessContext, ShardedMarginClassifier
+    from distrib_face.parallel.optim import ShardOptimizer
+    from distrib_face.train.checkpoint import TrainerState
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +57,7 @@ class NonFiniteStateError(RuntimeError):
         self.last_good = last_good
 
 
-def find_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], ctx: Any) -> dict[int, list[str]]:
+def find_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], ctx: ProcessContext) -> dict[int, list[str]]:
     """Which ranks hold a non-finite value, and where (collective: every rank calls it).
 
     Args:
@@ -118,12 +126,12 @@ def rollback_to_last_good(
     error: Exception,
     root: str | os.PathLike,
     *,
-    train_cfg: Any,
-    trainer_state: Any,
-    ctx: Any,
-    engine: Any,
-    classifier: Any,
-    shard_optimizer: Any,
+    train_cfg: TrainConfig,
+    trainer_state: TrainerState,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     auxiliary: tuple[Any, Any] = (None, None),
 ) -> Any:
     """``train.on_divergence: rollback``: reload the last good checkpoint into the live components (collective).

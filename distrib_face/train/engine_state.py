@@ -41,11 +41,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from distrib_face.atomic import atomic_open
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def optimizer_file(rank: int, world_size: int) -> str:
     return f"optimizer-{rank:05d}-of-{world_size:05d}.pt"
 
 
-def optimizer_kind(engine: Any) -> str:
+def optimizer_kind(engine: DeepSpeedEngine) -> str:
     """Which optimiser of the module docstring ``engine.optimizer`` is: ``torch``, ``mixed_precision`` or ``zero``.
 
     Raises:
@@ -133,7 +136,7 @@ class EngineState:
         yield from _walk_tensors(self.optimizer, "backbone optimizer")
 
 
-def capture(engine: Any, rank: int, world_size: int) -> EngineState:
+def capture(engine: DeepSpeedEngine, rank: int, world_size: int) -> EngineState:
     """The engine's module and optimiser state, as references (no copy, no host sync)."""
     if getattr(engine, "dp_world_size", world_size) != world_size:
         raise EngineStateError(f"the engine's data-parallel size {engine.dp_world_size} is not the world size "
@@ -184,7 +187,7 @@ def save(directory: str | os.PathLike, state: EngineState) -> list[Path]:
     return written
 
 
-def load(directory: str | os.PathLike, engine: Any, rank: int, world_size: int, *, load_optimizer: bool = True) -> bool:
+def load(directory: str | os.PathLike, engine: DeepSpeedEngine, rank: int, world_size: int, *, load_optimizer: bool = True) -> bool:
     """Restore the module (always) and the optimiser (when it fits) into ``engine``, live or fresh.
 
     The optimiser state is restored when ``load_optimizer`` is set and the checkpoint was written by the same
@@ -292,7 +295,7 @@ def _restore_loss_scaler(optimizer: Any, saved: dict[str, Any], directory: Path)
             setattr(live, key, value)
 
 
-def _zero_grads(engine: Any) -> None:
+def _zero_grads(engine: DeepSpeedEngine) -> None:
     """Drop any gradient a live engine holds, so that a reload never mixes old gradients into the next step."""
     zero_grad = getattr(engine.optimizer, "zero_grad", None)
     if zero_grad is not None:
