@@ -11,10 +11,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p = groups["bench"].add_parser(
         "classifier", help="ms/step and peak memory of the sharded classifier vs a naive whole-matrix baseline"
     )
-    p.add_argument("--classes", type=int, required=True, help="number of identities")
+    p.add_argument("--classes", required=True,
+                   help="number of identities; a comma list (100000,1000000) runs several cases in one invocation")
     p.add_argument("--batch", type=int, default=256, help="batch per rank (the baseline runs the global batch)")
     p.add_argument("--embedding", type=int, default=512, help="embedding size")
-    p.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
+    p.add_argument("--sample-rate", default="1.0",
+                   help="Partial FC sample rate; a comma list gives one rate per --classes entry")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="matmul dtype")
     p.add_argument("--world-size", type=int, default=1, help="gloo ranks on this machine (CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -23,6 +25,10 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--chunk-size", type=int, default=65536, help="classes per logit chunk")
     p.add_argument("--margin", default="arcface", help="margin name")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the four matmuls of each step on the rows it uses (the floor of the fast path)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the top N operators of two steps of each case (torch.profiler, self CPU time)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench_classifier)
 
@@ -33,15 +39,29 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     r.set_defaults(func=_reshard)
 
 
-def _bench_classifier(args: argparse.Namespace) -> int:
-    from distrib_face.parallel.bench import BenchSpec, format_table, results_as_dicts, run_benchmark
+def _cases(classes: str, rates: str) -> list[tuple[int, float]]:
+    try:
+        counts = [int(c) for c in classes.split(",")]
+        values = [float(r) for r in rates.split(",")]
+    except ValueError as err:
+        raise SystemExit(f"--classes / --sample-rate must be numbers or comma lists of numbers: {err}") from None
+    if len(values) == 1:
+        values *= len(counts)
+    if len(values) != len(counts):
+        raise SystemExit(f"--sample-rate has {len(values)} entries for {len(counts)} --classes entries")
+    return list(zip(counts, values))
 
+
+def _bench_classifier(args: argparse.Namespace) -> int:
+    from distrib_face.parallel.bench import BenchSpec, format_table, results_as_dicts, run_cases
+
+    cases = _cases(args.classes, args.sample_rate)
     spec = BenchSpec(
-        classes=args.classes, batch=args.batch, embedding=args.embedding, sample_rate=args.sample_rate,
+        classes=cases[0][0], batch=args.batch, embedding=args.embedding, sample_rate=cases[0][1],
         dtype=args.dtype, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
-        chunk_size=args.chunk_size, margin=args.margin, device=args.device,
+        chunk_size=args.chunk_size, margin=args.margin, device=args.device, floor=args.floor, profile=args.profile,
     )
-    results = run_benchmark(spec, baseline=not args.no_baseline)
+    results = run_cases(spec, cases, baseline=not args.no_baseline)
     print(json.dumps(results_as_dicts(results), indent=2) if args.json else format_table(results))
     return 0
 

@@ -11,7 +11,9 @@ allocator's peak, or on CPU the growth of the process's peak resident set over i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -52,6 +54,8 @@ class BenchSpec:
     chunk_size: int = 65536
     margin: str = "arcface"
     device: str = "cpu"
+    floor: bool = False
+    profile: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in COMPUTE_DTYPES:
@@ -76,6 +80,9 @@ class BenchResult:
     ms_per_step: float
     peak_mem_mb: float
     note: str = ""
+    rows_per_step: int = 0
+    floor_ms: float = float("nan")
+    profile: str = ""
 
 
 def _peak_rss_mb() -> float:
@@ -114,7 +121,37 @@ def _memory_mb(device: torch.device, rss_before: float) -> float:
     return _peak_rss_mb() - rss_before
 
 
-def _sharded_rank(spec: BenchSpec, group: Any = None) -> tuple[float, float]:
+def _matmul_floor_ms(spec: BenchSpec, rows: int, device: torch.device) -> float:
+    """Median ms of the four matmuls of one fast-path step over ``rows`` class rows, chunked as the classifier."""
+    gen = torch.Generator(device=device).manual_seed(99)
+    compute = _compute_dtype(spec.dtype) or torch.float32
+    batch = spec.batch * spec.world_size
+    x = torch.randn(batch, spec.embedding, device=device, generator=gen).to(compute)  # [B_global, D]
+    w = torch.randn(rows, spec.embedding, device=device, generator=gen).to(compute)  # [rows, D]
+    g = torch.randn(batch, min(rows, spec.chunk_size), device=device, generator=gen).to(compute)  # [B, chunk]
+
+    def four() -> None:
+        for c0 in range(0, rows, spec.chunk_size):
+            chunk = w[c0: c0 + spec.chunk_size]
+            grad = g[:, : chunk.shape[0]]
+            x @ chunk.t()  # forward logits
+            x @ chunk.t()  # recomputed in the backward
+            grad @ chunk  # embedding gradient
+            grad.t() @ x  # weight gradient
+
+    return statistics.median(_timed(four, spec, device))
+
+
+def _profile_table(step_fn: Any, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step_fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
     from distrib_face.losses import create_margin
     from distrib_face.parallel.classifier import ShardedMarginClassifier
     from distrib_face.parallel.optim import ShardOptimizer
@@ -140,7 +177,19 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> tuple[float, float]:
         emb.grad = None
 
     times = _timed(step, spec, device)
-    return statistics.median(times), _memory_mb(device, rss_before)
+    out: dict[str, Any] = {"ms": statistics.median(times), "mem": _memory_mb(device, rss_before),
+                           "rows": _rows_per_step(clf)}
+    if spec.floor:
+        out["floor"] = _matmul_floor_ms(spec, out["rows"], device)
+    if spec.profile:
+        out["profile"] = _profile_table(step, spec.profile)
+    return out
+
+
+def _rows_per_step(clf: Any) -> int:
+    """Class rows a training step of ``clf`` computes logits for (all of the shard without sampling)."""
+    index, rows = clf.active_rows()
+    return int(rows.shape[0])
 
 
 def _baseline(spec: BenchSpec) -> tuple[float, float]:
@@ -183,23 +232,26 @@ def _worker(rank: int, spec: BenchSpec, store: str, out_dir: str, impl: str) -> 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size))
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=spec.world_size)
     try:
-        ms, mem = _sharded_rank(spec, group) if impl == "sharded" else _baseline(spec)
+        if impl == "sharded":
+            result = _sharded_rank(spec, group)
+        else:
+            ms, mem = _baseline(spec)
+            result = {"ms": ms, "mem": mem}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"{impl}-{rank}.txt"), "w") as handle:
-        handle.write(f"{ms} {mem}\n")
+    with open(os.path.join(out_dir, f"{impl}-{rank}.json"), "w") as handle:
+        json.dump(result, handle)
 
 
-def _spawn(spec: BenchSpec, impl: str, nprocs: int) -> list[tuple[float, float]]:
+def _spawn(spec: BenchSpec, impl: str, nprocs: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="df-bench-") as tmp:
         mp.start_processes(_worker, args=(spec, os.path.join(tmp, "store"), tmp, impl), nprocs=nprocs,
                            join=True, start_method="spawn")
         out = []
         for rank in range(nprocs):
-            with open(os.path.join(tmp, f"{impl}-{rank}.txt")) as handle:
-                ms, mem = handle.read().split()
-            out.append((float(ms), float(mem)))
+            with open(os.path.join(tmp, f"{impl}-{rank}.json")) as handle:
+                out.append(json.load(handle))
         return out
 
 
@@ -212,12 +264,18 @@ def run_benchmark(spec: BenchSpec, baseline: bool = True) -> list[BenchResult]:
         per_rank = _spawn(spec, "sharded", spec.world_size)
     common = dict(world_size=spec.world_size, classes=spec.classes, batch_per_rank=spec.batch,
                   sample_rate=spec.sample_rate, dtype=spec.dtype, device=spec.device)
-    results.append(BenchResult("sharded", ms_per_step=max(p[0] for p in per_rank),
-                               peak_mem_mb=max(p[1] for p in per_rank), note="slowest rank; memory per rank",
+    slowest = max(per_rank, key=lambda p: p["ms"])
+    results.append(BenchResult("sharded", ms_per_step=slowest["ms"], peak_mem_mb=max(p["mem"] for p in per_rank),
+                               note="slowest rank; memory per rank", rows_per_step=slowest["rows"],
+                               floor_ms=slowest.get("floor", float("nan")), profile=slowest.get("profile", ""),
                                **common))
     if baseline:
         try:
-            ms, mem = _baseline(spec) if spec.device.startswith("cuda") else _spawn(spec, "baseline", 1)[0]
+            if spec.device.startswith("cuda"):
+                ms, mem = _baseline(spec)
+            else:
+                naive = _spawn(spec, "baseline", 1)[0]
+                ms, mem = naive["ms"], naive["mem"]
             results.append(BenchResult("naive (1 process, whole matrix)", ms_per_step=ms, peak_mem_mb=mem,
                                        note=f"global batch {spec.batch * spec.world_size}", **common))
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # the naive one may not fit: say so
@@ -227,15 +285,38 @@ def run_benchmark(spec: BenchSpec, baseline: bool = True) -> list[BenchResult]:
     return results
 
 
+def run_cases(spec: BenchSpec, cases: list[tuple[int, float]], baseline: bool = True) -> list[BenchResult]:
+    """:func:`run_benchmark` for each ``(classes, sample_rate)`` of ``cases``, one after the other."""
+    results = []
+    for classes, rate in cases:
+        results += run_benchmark(dataclasses.replace(spec, classes=classes, sample_rate=rate), baseline=baseline)
+    return results
+
+
 def format_table(results: list[BenchResult]) -> str:
-    """A Markdown table of the results."""
-    head = "| impl | device | world | classes | batch/rank | sample rate | dtype | ms/step | peak MB/rank | note |"
+    """A Markdown table of the results; with several sharded rows, each one's time relative to the first.
+
+    ``floor`` columns appear when the four-matmul floor was measured (``--floor``).
+    """
+    with_floor = any(math.isfinite(r.floor_ms) for r in results)
+    first = next((r for r in results if r.impl == "sharded"), None)
+    head = ("| impl | device | world | classes | batch/rank | sample rate | rows/step | dtype | ms/step | "
+            + ("4-matmul floor ms | step / floor | " if with_floor else "")
+            + "vs first | peak MB/rank | note |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
+        floor = (f"{r.floor_ms:,.1f} | {r.ms_per_step / r.floor_ms:.2f}x | " if math.isfinite(r.floor_ms)
+                 else "- | - | ") if with_floor else ""
+        rel = f"{r.ms_per_step / first.ms_per_step:.2f}x" if first is not None and r.impl == "sharded" else "-"
+        rows = f"{r.rows_per_step:,}" if r.rows_per_step else "-"
         lines.append(
             f"| {r.impl} | {r.device} | {r.world_size} | {r.classes:,} | {r.batch_per_rank} | {r.sample_rate:g} | "
-            f"{r.dtype} | {r.ms_per_step:,.1f} | {r.peak_mem_mb:,.0f} | {r.note} |"
+            f"{rows} | {r.dtype} | {r.ms_per_step:,.1f} | {floor}{rel} | {r.peak_mem_mb:,.0f} | {r.note} |"
         )
+    for r in results:
+        if r.profile:
+            lines += ["", f"Top operators, {r.classes:,} classes at rate {r.sample_rate:g} (2 steps, rank 0 of the "
+                      "slowest):", "", "```", r.profile.rstrip(), "```"]
     return "\n".join(lines)
 
 
