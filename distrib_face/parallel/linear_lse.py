@@ -1,16 +1,22 @@
 """Fast path of the sharded log-sum-exp for margins whose non-target logits are ``s * cos``.
 
-NormFace, CosFace, ArcFace and the combined margin change only the target logit; every other logit is
-``s * x_b . w_c / (||x_b|| ||w_c||)``. For those the backward needs no autograd graph per chunk: with
-``u = x / ||x||``, ``raw = u W^T`` and ``r_c = 1 / ||w_c||``,
+NormFace, CosFace, ArcFace, the combined margin (and MagFace, ElasticFace) change only the target logit;
+every other logit is ``s * x_b . w_c / (||x_b|| ||w_c||)``. For those the backward needs no autograd graph
+per chunk: with ``u = x / ||x||``, ``raw = u W^T``, ``r_c = 1 / ||w_c||`` and ``D = dL/draw`` (the softmax
+times the upstream gradient times ``s r_c``, 0 at each row's target),
 
-    dL/draw_bc = g_b p_bc s r_c                                   (p: softmax probability, 0 at the target)
-    dL/du      = sum_c dL/draw_bc w_c                              (one matmul)
-    dL/dw_c    = sum_b dL/draw_bc u_b - r_c^2 w_c sum_b dL/draw_bc raw_bc
+    dL/du      = D W                                              (one matmul)
+    dL/dw_c    = A_c - r_c^2 (A_c . w_c) w_c,   A = D^T u         (one matmul, one row-wise dot)
 
-which touches the weight chunk three times per step (norm, matmul, gradient) instead of the generic
-path's normalised copy and its division backward. The class-weight norms are computed once in the
-forward and reused. The result is identical to the generic path up to rounding (tested in float64).
+using ``sum_b D_bc raw_bc = A_c . w_c``, so the backward's element-wise work on the ``[B, chunk]`` block is
+three passes (``exp(raw s r - shift)``, the target mask, the column scale) and the matmuls read each chunk
+of weights once. The Function also owns the gradient of each row's *target cosine* (an input computed
+before the margin's statistics, echoed as an output): its contribution to ``dL/du`` and to the target rows
+of ``dL/dW`` is added in the same backward, so the weights never receive a second dense gradient that
+autograd would have to zero-fill and add. Rows whose target is on another rank carry ``target_col = -1``.
+
+Everything has static shapes and runs without a host synchronisation; the masks are ``O(B)`` scatters.
+The result equals the generic autograd path up to rounding (tested in float64).
 """
 
 from __future__ import annotations
@@ -25,23 +31,37 @@ from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 _EPS = 1e-12
 
 
-def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype | None, out_dtype: torch.dtype) -> Tensor:
-    if compute_dtype is None or compute_dtype == a.dtype:
-        return a @ b
-    return (a.to(compute_dtype) @ b.to(compute_dtype)).to(out_dtype)
+def mask_targets_(block: Tensor, target_col: Tensor, col0: int, value: float) -> Tensor:
+    """Set ``block[i, target_col[i] - col0] = value`` for the rows whose target lies in this block, in place.
+
+    ``block`` is ``[B, c]``; rows whose target is elsewhere are untouched. Fixed shape, ``O(B)``: one
+    gather, one ``where``, one scatter, no ``nonzero`` and no host synchronisation.
+    """
+    col = target_col - col0
+    here = (col >= 0) & (col < block.shape[1])
+    safe = torch.where(here, col, 0)[:, None]  # [B, 1]
+    current = block.gather(1, safe)
+    return block.scatter_(1, safe, torch.where(here[:, None], torch.full_like(current, value), current))
 
 
-def _targets_in_chunk(target_col: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
-    here = (target_col >= c0) & (target_col < c1)
-    rows = here.nonzero(as_tuple=True)[0]
-    return rows, target_col[rows] - c0
+def _matmul_dtype(weight: Tensor, compute_dtype: torch.dtype | None, stat_dtype: torch.dtype) -> torch.dtype:
+    """The dtype both matmul operands are cast to: ``compute_dtype``, else the statistics dtype."""
+    return compute_dtype if compute_dtype is not None else stat_dtype
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class LinearMarginLogSumExp(torch.autograd.Function):
-    """``log(exp(T_i) + sum over all ranks' non-target classes of exp(s cos_ij))`` with an analytic backward.
+    """``(log sum over all ranks' non-target classes of exp(s cos_ij), target cosines)`` with an analytic backward.
 
-    Inputs: raw embeddings ``[B, D]`` (gathered), this rank's weight rows ``[C_r, D]``, the target logits
-    ``[B]`` (already summed over ranks), each row's local target column (``-1`` when not on this rank).
+    Inputs: gathered raw embeddings ``[B, D]``, this rank's rows in use ``[R, D]`` (any float dtype: fp32,
+    fp64, bf16 storage), each row's target cosine ``[B]`` (detached, 0 where not owned), each row's local
+    target column ``[B]`` (``-1`` when not on this rank), the scale ``s``, the chunk size, the matmul dtype
+    and the group. Outputs: the non-target log-sum-exp ``[B]`` (``-inf`` for a row with no negatives
+    anywhere) and the target cosines (equal to the input, differentiable). The statistics are combined with
+    one MAX and one SUM all-reduce of ``[B]``.
     """
 
     @staticmethod
@@ -49,60 +69,79 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         ctx: Any,
         embeddings: Tensor,
         weight: Tensor,
-        target_logits: Tensor,
+        target_cos: Tensor,
         target_col: Tensor,
         scale: float,
         chunk_size: int,
         compute_dtype: torch.dtype | None,
         group: Any,
-    ) -> Tensor:
-        stat_dtype = target_logits.dtype
-        x_norm = embeddings.norm(dim=1, keepdim=True).clamp_min(_EPS)
-        x_unit = embeddings / x_norm
+    ) -> tuple[Tensor, Tensor]:
+        stat_dtype = target_cos.dtype
+        mm_dtype = _matmul_dtype(weight, compute_dtype, stat_dtype)
+        x_norm = embeddings.norm(dim=1, keepdim=True).clamp_min(_EPS)  # [B, 1]
+        x_unit = embeddings / x_norm  # [B, D]
+        x_mm = _cast(x_unit, mm_dtype)
         num_rows, num_classes = embeddings.shape[0], weight.shape[0]
-        inv_wnorm = torch.empty(num_classes, dtype=stat_dtype, device=weight.device)
+        inv_wnorm = torch.empty(num_classes, dtype=stat_dtype, device=weight.device)  # [R]
         stats = OnlineLogSumExp((num_rows,), stat_dtype, embeddings.device)
         for c0 in range(0, num_classes, chunk_size):
             c1 = min(c0 + chunk_size, num_classes)
             w = weight[c0:c1]
             inv = inv_wnorm[c0:c1]
-            torch.reciprocal(w.norm(dim=1).to(stat_dtype).clamp_min(_EPS), out=inv)
-            logits = _mm(x_unit, w.t(), compute_dtype, stat_dtype).to(stat_dtype).mul_(inv * scale)  # [B, c]
-            rows, cols = _targets_in_chunk(target_col, c0, c1)
-            logits[rows, cols] = float("-inf")
+            torch.reciprocal(torch.linalg.vector_norm(w, dim=1, dtype=stat_dtype).clamp_min_(_EPS), out=inv)
+            logits = _cast(x_mm @ _cast(w, mm_dtype).t(), stat_dtype)  # [B, c]
+            logits.mul_(inv * scale)
+            mask_targets_(logits, target_col, c0, float("-inf"))
             stats.update(logits, consume=True)
-        lse = stats.logsumexp(group, extra=target_logits)
-        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse)
+        negative_lse = stats.logsumexp(group)  # [B]
+        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse)
         ctx.scale, ctx.chunk_size, ctx.compute_dtype = scale, chunk_size, compute_dtype
-        return lse
+        return negative_lse, target_cos.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        x_unit, x_norm, weight, inv_wnorm, target_logits, target_col, lse = ctx.saved_tensors
-        stat_dtype = lse.dtype
-        grad_target = grad_lse * torch.exp(target_logits - lse)
+    def backward(ctx: Any, grad_lse: Tensor, grad_cos: Tensor) -> tuple[Tensor | None, ...]:
+        x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse = ctx.saved_tensors
+        stat_dtype = negative_lse.dtype
+        mm_dtype = _matmul_dtype(weight, ctx.compute_dtype, stat_dtype)
+        scale = ctx.scale
+        # g_b exp(logit - lse_b) = sign(g_b) exp(logit - (lse_b - log|g_b|)): the row factor goes into the
+        # shift (one pass fewer over the block) and its sign onto the [B, D] operands. A row without
+        # negatives (lse = -inf) has only -inf logits, so any finite shift serves it.
+        sign = torch.where(grad_lse < 0, -1.0, 1.0).to(stat_dtype)  # [B]
+        finite_lse = torch.where(torch.isfinite(negative_lse), negative_lse, torch.zeros_like(negative_lse))
+        neg_shift = (torch.log(grad_lse.abs()) - finite_lse)[:, None]  # [B, 1]
+        x_signed = _cast(x_unit * sign[:, None], mm_dtype)  # [B, D]
         grad_unit = torch.zeros_like(x_unit)
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        want_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.empty_like(weight) if want_weight else None
+        x_mm = _cast(x_unit, mm_dtype)
         for c0 in range(0, weight.shape[0], ctx.chunk_size):
             c1 = min(c0 + ctx.chunk_size, weight.shape[0])
             w = weight[c0:c1]
-            # Cast the chunk once for both matmuls that read it (low-precision compute only).
-            w_mm = w if ctx.compute_dtype is None else w.to(ctx.compute_dtype)
-            coef = inv_wnorm[c0:c1] * ctx.scale  # d logit / d raw, per class
-            raw = _mm(x_unit, w_mm.t(), ctx.compute_dtype, stat_dtype).to(stat_dtype)  # [B, c]
-            grad_raw = (raw * coef).sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])  # g * softmax
-            rows, cols = _targets_in_chunk(target_col, c0, c1)
-            grad_raw[rows, cols] = 0.0  # the target's share went to grad_target
-            grad_raw.mul_(coef)
-            grad_unit += _mm(grad_raw, w_mm, ctx.compute_dtype, stat_dtype).to(grad_unit.dtype)
+            w_mm = _cast(w, mm_dtype)  # cast once for the three matmuls that read the chunk
+            coef = inv_wnorm[c0:c1] * scale  # [c]: d logit / d raw
+            block = _cast(x_mm @ w_mm.t(), stat_dtype)  # [B, c] raw cosines
+            torch.addcmul(neg_shift, block, coef[None, :], out=block).exp_()  # |g| softmax
+            mask_targets_(block, target_col, c0, 0.0)  # the target's share goes through grad_cos
+            block.mul_(coef)  # |dL/draw|
+            grad_unit += _cast(_cast(block, mm_dtype) @ w_mm, stat_dtype)
             if grad_weight is not None:
-                norm_term = (grad_raw * raw).sum(dim=0) * inv_wnorm[c0:c1] ** 2  # [c]
-                gw = grad_weight[c0:c1]
-                if ctx.compute_dtype is None and weight.dtype == stat_dtype:
-                    torch.mm(grad_raw.t(), x_unit, out=gw)
-                else:
-                    gw.copy_(_mm(grad_raw.t(), x_unit, ctx.compute_dtype, stat_dtype))
-                gw.addcmul_(w, norm_term[:, None].to(weight.dtype), value=-1.0)
+                first = _cast(_cast(block, mm_dtype).t() @ x_signed, stat_dtype)  # [c, D]: A
+                w_stat = _cast(w, stat_dtype)
+                dots = torch.linalg.vecdot(first, w_stat, dim=1) * inv_wnorm[c0:c1].square()  # [c]
+                first.addcmul_(w_stat, dots[:, None], value=-1.0)
+                grad_weight[c0:c1].copy_(first)
+        grad_unit.mul_(sign[:, None])
+        # The target cosines: cos_i = u_i . w_t r_t on the rank owning row i's class.
+        here = target_col >= 0
+        rows_t = torch.where(here, target_col, 0)  # [B]
+        g_cos = torch.where(here, grad_cos, torch.zeros_like(grad_cos))  # [B]
+        r_t = inv_wnorm.gather(0, rows_t)  # [B]
+        w_hat = _cast(weight.index_select(0, rows_t), stat_dtype) * r_t[:, None]  # [B, D]
+        grad_unit.addcmul_(w_hat, g_cos[:, None])
+        if grad_weight is not None:
+            target_grad = (x_unit - target_cos[:, None] * w_hat) * (g_cos * r_t)[:, None]  # [B, D]
+            grad_weight.index_put_((rows_t,), _cast(target_grad, grad_weight.dtype), accumulate=True)
         # Through u = x / ||x||: (I - u u^T) g / ||x||.
         grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
-        return grad_emb, grad_weight, grad_target, None, None, None, None, None
+        return grad_emb, grad_weight, None, None, None, None, None, None

@@ -98,10 +98,25 @@ def test_loading_a_shard_that_does_not_fit_names_both_values(tmp_path):
         load_shard_from_dir(tmp_path, ShardedMarginClassifier(10, 16))
 
 
-def test_bad_labels_and_shapes_are_named():
+def test_bad_labels_are_counted_on_the_device_and_named_when_checked():
+    """No host sync in the forward: an out-of-range label is counted; check_step_errors() raises and resets."""
+    clf = ShardedMarginClassifier(10, 8, margin="cosface", dtype=torch.float64)
+    emb = torch.randn(3, 8, dtype=torch.float64)
+    loss = clf(emb, torch.tensor([1, 10, -3]))
+    with pytest.raises(ValueError, match=r"2 label\(s\) outside \[0, 10\) reached the classifier \(e\.g\. 10\)"):
+        clf.check_step_errors()
+    clf.check_step_errors()  # reset: nothing new to report
+    # The bad rows were scored against no class: target logit 0, every class a negative.
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(
+        clf.weight.detach(), dim=1).t()  # [3, 10]
+    s, m = clf.margin.scale, clf.margin.spec.additive_margin
+    good = torch.logsumexp(torch.cat([s * cos[0, :1], s * cos[0, 2:], s * (cos[0, 1:2] - m)]), 0) - s * (cos[0, 1] - m)
+    bad = torch.logaddexp(torch.zeros((), dtype=torch.float64), torch.logsumexp(s * cos[1:], dim=1))
+    assert float(loss) == pytest.approx(float((good + bad.sum()) / 3), rel=1e-12)
+
+
+def test_bad_shapes_are_named():
     clf = ShardedMarginClassifier(10, 8)
-    with pytest.raises(ValueError, match="label 10 outside"):
-        clf(torch.randn(2, 8), torch.tensor([1, 10]))
     with pytest.raises(ValueError, match=r"embeddings must be \[B, 8\], got \(2, 4\)"):
         clf(torch.randn(2, 4), torch.tensor([1, 2]))
 
