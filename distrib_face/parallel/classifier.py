@@ -35,7 +35,8 @@ from distrib_face.parallel.collectives import (
     gather_with_grad,
 )
 from distrib_face.parallel.context import group_rank_and_size
-from distrib_face.parallel.linear_lse import LinearMarginLogSumExp
+from distrib_face.parallel.linear_lse import LinearMarginLogSumExp, Workspace
+from distrib_face.parallel.rows import gather_rows, scatter_rows_
 from distrib_face.parallel.sampling import (
     new_marker,
     num_draws,
@@ -318,7 +319,7 @@ class ShardedMarginClassifier(nn.Module):
         self.class_range = class_range(self.num_classes, self.rank, self.world_size)
         self.num_local_classes = self.class_range[1] - self.class_range[0]
         self.num_subcenters = int(num_subcenters)
-        self.sample_rate, self.seed, self.chunk_size = float(sample_rate), int(seed), int(chunk_size)
+        self.sample_rate, self.seed, self.chunk_size = sample_rate, int(seed), int(chunk_size)
         self.compute_dtype, self.embedding_grad_scale = compute_dtype, float(embedding_grad_scale)
         self.equal_batches, self.offload = bool(equal_batches), offload
         self.margin.set_num_classes(self.num_classes)
@@ -349,22 +350,40 @@ class ShardedMarginClassifier(nn.Module):
         self.register_buffer("_marker", None, persistent=False)  # the sampler's [C_local + 1] int32 marker
         if self.sample_rate < 1.0:
             self._marker = new_marker(self.num_local_classes, self.storage_device)
-        self._draws: dict[int, int] = {}
         self._rows_buffer: Tensor | None = None  # [rows in use, D] leaf on the compute device
+        self._draws: dict[int, int] = {}  # slots -> uniform draws that hold them (sampling.num_draws)
+        self.sample_rate = sample_rate  # again, now that the shard exists: allocates the row buffer
         self._staging: Tensor | None = None  # [rows in use, D] pinned host buffer (offload)
         self._rows_ready: Any = None  # CUDA event: the rows buffer holds this step's rows (offload)
         self._copy_stream: Any = None
         self._pending_writeback: list[Any] = []  # offload: updated rows on their way back to the host
         self._active: tuple[Tensor | None, Tensor, Tensor | None] | None = None
         self._prefetched: StepRows | None = None
+        self._workspace = Workspace()  # the fast path's reused chunk block and row gradient (eager mode)
         #: Use the analytic-backward path for margins whose non-target logits are ``s * cos`` (see linear_lse).
         self.fast_path = True
 
     # ----------------------------------------------------------------------------------------------
     @property
+    def sample_rate(self) -> float:
+        """The Partial FC rate (settable; 1.0 turns sampling off)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, rate: float) -> None:
+        # The count is fixed here, on the host, once: forward (and torch.compile) then only reads an int.
+        self._num_sampled = num_sampled_classes(rate, self.num_local_classes)
+        self._sample_rate = float(rate)
+        if rate < 1.0 and self._num_sampled < self.num_local_classes and hasattr(self, "weight"):
+            # The row buffer of the usual slot count (num_sampled >= B_global) exists before any forward, so
+            # that a compiled forward only writes into it (a graph cannot create a leaf that needs a gradient).
+            self._row_buffer(self._num_sampled * self.num_subcenters)
+            self._draws.setdefault(self._num_sampled, num_draws(self.num_local_classes, self._num_sampled))
+
+    @property
     def num_sampled(self) -> int:
         """Classes this shard samples per step: ``ceil(sample_rate x C_local)`` (exact decimal rule)."""
-        return num_sampled_classes(self.sample_rate, self.num_local_classes)
+        return self._num_sampled
 
     def num_slots(self, global_batch: int) -> int:
         """Classes a sampled training step keeps for a global batch of ``global_batch`` rows (>= num_sampled)."""
@@ -428,7 +447,7 @@ class ShardedMarginClassifier(nn.Module):
         if num_rows:
             invalid = ~valid
             count = invalid.sum()
-            last = labels[invalid.to(torch.int32).argmax()]
+            last = labels.gather(0, invalid.to(torch.int32).argmax().reshape(1)).reshape(())  # the first bad label
             self.step_errors[0] += count
             self.step_errors[1] = torch.where(count > 0, last, self.step_errors[1])
         labels = torch.where(valid, labels, 0)
@@ -467,6 +486,11 @@ class ShardedMarginClassifier(nn.Module):
         buf = self._rows_buffer
         shape = (num_rows, self.weight.shape[1])
         if buf is None or tuple(buf.shape) != shape:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"a compiled forward needs {num_rows} sampled rows but the row buffer holds "
+                    f"{None if buf is None else buf.shape[0]}: run one eager training step first"
+                )
             buf = torch.empty(shape, dtype=self.weight.dtype, device=self.device, requires_grad=True)
             self._rows_buffer = buf
         elif buf.grad is not None:
@@ -483,7 +507,7 @@ class ShardedMarginClassifier(nn.Module):
         num_rows = self.weight.shape[0] if rows is None else rows.shape[0]
         buf = self._row_buffer(num_rows)
         if self.offload == "none":
-            torch.index_select(self.weight, 0, rows, out=buf)
+            gather_rows(self.weight, rows, buf)
             return buf
         # Offload: gather on the host into a (pinned) staging buffer, then one copy to the device.
         if self._staging is None or self._staging.shape != buf.shape:
@@ -493,7 +517,7 @@ class ShardedMarginClassifier(nn.Module):
         if rows is None:
             self._staging.copy_(self.weight)
         else:
-            torch.index_select(self.weight, 0, rows, out=self._staging)
+            gather_rows(self.weight, rows, self._staging)
         if self.device.type == "cuda":
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
@@ -516,7 +540,7 @@ class ShardedMarginClassifier(nn.Module):
             if rows is None:
                 host.copy_(values)
             else:
-                host.index_copy_(0, rows, values)
+                scatter_rows_(host, rows, values)
             return
         staging = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         staging.copy_(values, non_blocking=True)
@@ -530,7 +554,7 @@ class ShardedMarginClassifier(nn.Module):
             if rows is None:
                 host.copy_(staging)
             else:
-                host.index_copy_(0, rows, staging)
+                scatter_rows_(host, rows, staging)
         self._pending_writeback.clear()
 
     def flush(self) -> None:
@@ -600,9 +624,10 @@ class ShardedMarginClassifier(nn.Module):
         mctx = MarginContext(feature_norms=norms, labels=labels, target_cos=cos_all, weight_norms=w_norms)
 
         if fast:
+            workspace = None if torch.compiler.is_compiling() else self._workspace
             negative_lse, cos_target = LinearMarginLogSumExp.apply(
                 embeddings, weight, cos_target, target_col, linear_scale, self.chunk_size, self.compute_dtype,
-                self.group,
+                self.group, workspace,
             )
         # The owner of each row's class computes its target logit; the sum over ranks replicates it.
         target_local = torch.where(owned, self.margin.target_logit(cos_target, mctx).to(stat_dtype), 0.0)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from distrib_face.parallel.classifier import ShardedMarginClassifier
+from distrib_face.parallel.rows import gather_rows, scatter_rows_
+from distrib_face.parallel.shard import advise_huge_pages
 from distrib_face.parallel.sampling import hash32_int, stream_key
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -95,8 +97,11 @@ class ShardOptimizer(torch.optim.Optimizer):
         pin = classifier.offload == "host" and classifier.device.type == "cuda"
 
         def zeros() -> Tensor:  # state lives with the shard: on the device, or in (pinned) host memory
-            buf = torch.zeros_like(weight)
-            return buf.pin_memory() if pin else buf
+            if pin:
+                return torch.zeros_like(weight).pin_memory()
+            buf = torch.empty_like(weight)
+            advise_huge_pages(buf)  # scattered rows are read and written each step (see shard.py)
+            return buf.zero_()
 
         if name == "sgd":
             self.buffers = {"momentum_buffer": zeros()} if momentum > 0 else {}
@@ -132,6 +137,13 @@ class ShardOptimizer(torch.optim.Optimizer):
         if self.classifier._active is not None:
             self.classifier._active[1].grad = None
 
+    def _ones(self, index: Tensor) -> Tensor:
+        ones = self._row_state.get("_ones")
+        if ones is None or ones.shape != index.shape:
+            ones = torch.ones(index.shape, dtype=torch.int64, device=index.device)
+            self._row_state["_ones"] = ones
+        return ones
+
     def _state_rows(self, name: str, like: Tensor) -> Tensor:
         buf = self._row_state.get(name)
         if buf is None or buf.shape != like.shape:
@@ -161,8 +173,8 @@ class ShardOptimizer(torch.optim.Optimizer):
             self.row_steps += 1
             counts = self.row_steps
         else:
-            self.row_steps[index] += 1
-            counts = self.row_steps[index]
+            self.row_steps.index_add_(0, index, self._ones(index))  # the slots are distinct classes
+            counts = self.row_steps.index_select(0, index) if self.name == "adamw" else None
         if rows_in_use is weight:
             # In-device, no sampling: the shard and its state in place.
             w, state = weight.data, dict(self.buffers)
@@ -177,7 +189,7 @@ class ShardOptimizer(torch.optim.Optimizer):
                     host_rows = buf if row_index is None else buf.index_select(0, row_index)
                     rows.copy_(host_rows, non_blocking=True)
                 else:
-                    torch.index_select(buf, 0, row_index, out=rows)
+                    gather_rows(buf, row_index, rows)
                 state[name] = rows
         steps = None
         if self.name == "adamw":
@@ -192,7 +204,7 @@ class ShardOptimizer(torch.optim.Optimizer):
                 elif row_index is None:
                     host.data.copy_(rows)
                 else:
-                    host.data.index_copy_(0, row_index, rows)
+                    scatter_rows_(host.data, row_index, rows)
 
     # ----------------------------------------------------------------------------------------------
     def _update(self, w: Tensor, grad: Tensor, state: dict[str, Tensor], group: dict[str, Any],

@@ -11,9 +11,10 @@ whole step has static shapes and never reads a tensor on the host:
    finds first occurrences with one ``scatter_reduce(amin)`` over ``positives ++ draws``: positives get the
    smallest ids, so a class that is both is a positive; a class drawn twice counts once. The touched
    entries are reset afterwards (O(draws)).
-3. Slots ``[0, num_positives)`` hold the distinct positives in batch order, the remaining slots the first
-   distinct non-positive draws (ranks from a cumulative sum). Each sample's target slot is read back from
-   the marker. No sort, no ``[C_local]`` temporary, no data-dependent shape.
+3. The distinct positives and the first distinct non-positive draws (ranks from cumulative sums) fill the
+   ``S`` slots, which are then put in increasing class order (a sort of ``S`` indices, so that the rows
+   are gathered and scattered front to back). Each sample's target slot is read back from the marker.
+   No sort or draw over the shard, no ``[C_local]`` temporary, no data-dependent shape.
 
 Because the first ``k`` distinct values of an i.i.d. uniform sequence are a uniform random ``k``-subset, the
 negatives are exactly a uniform sample without replacement of the non-positive classes, as with a full
@@ -159,7 +160,7 @@ def new_marker(num_local_classes: int, device: torch.device | str | None = None)
 def sample_slots(
     marker: Tensor, local_target: Tensor, owned: Tensor, keys: tuple[Tensor, Tensor], slots: int, draws: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pick ``slots`` distinct local classes: every owned positive (in batch order), then uniform negatives.
+    """Pick ``slots`` distinct local classes: every owned positive, and uniform negatives for the rest.
 
     Args:
         marker: :func:`new_marker` of this shard (on the device of ``local_target``).
@@ -170,7 +171,7 @@ def sample_slots(
         draws: :func:`num_draws` for ``(C_local, S)``.
 
     Returns:
-        ``slot_class`` ``[S]`` int64 (distinct local classes), ``target_slot`` ``[B]`` int64 (the slot of each
+        ``slot_class`` ``[S]`` int64 (distinct local classes, increasing), ``target_slot`` ``[B]`` int64 (the slot of each
         owned sample's class, ``-1`` elsewhere) and ``shortfall`` (0-d bool: fewer than ``S`` distinct classes
         were drawn, which :func:`num_draws` makes rarer than ``2**-60`` per step).
     """
@@ -198,5 +199,10 @@ def sample_slots(
     shortfall = num_pos + neg_first.sum() < slots
     # The first sample naming a class holds that class's slot; the others find it through first_id.
     first_row = first_id[:num_rows].to(torch.int64).clamp(max=max(num_rows - 1, 0))
-    target_slot = torch.where(owned, pos_rank.gather(0, first_row), -1)
-    return slot_class[:slots], target_slot, shortfall
+    target_slot = torch.where(owned, pos_rank.gather(0, first_row), 0)
+    # Slots in increasing class order: the shard's rows are then gathered and scattered front to back
+    # (about 1.3x faster than in random order on the CPU). A sort of S indices, not of the shard.
+    slot_class, order = slot_class[:slots].sort()
+    new_position = torch.empty_like(order).scatter_(0, order, torch.arange(slots, device=device))
+    target_slot = torch.where(owned, new_position.gather(0, target_slot), -1)
+    return slot_class, target_slot, shortfall

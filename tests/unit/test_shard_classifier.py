@@ -112,7 +112,7 @@ def test_bad_labels_are_counted_on_the_device_and_named_when_checked():
     s, m = clf.margin.scale, clf.margin.spec.additive_margin
     good = torch.logsumexp(torch.cat([s * cos[0, :1], s * cos[0, 2:], s * (cos[0, 1:2] - m)]), 0) - s * (cos[0, 1] - m)
     bad = torch.logaddexp(torch.zeros((), dtype=torch.float64), torch.logsumexp(s * cos[1:], dim=1))
-    assert float(loss) == pytest.approx(float((good + bad.sum()) / 3), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float((good + bad.sum()) / 3), rel=1e-12)
 
 
 def test_bad_shapes_are_named():
