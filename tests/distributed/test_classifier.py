@@ -167,9 +167,9 @@ def _sampling_worker(rank: int, world: int, rate: float) -> dict:
     return steps
 
 
-@pytest.mark.parametrize("rate", [0.3, 0.75])  # slots set by the batch (10 > 7) / by the rate (16 > 10)
-def test_partial_fc_sampling(tmp_path, rate):
-    world = 3
+# At world 3: slots set by the global batch (10 > ceil(0.3 x 20) = 6) or by the rate (15 > 10).
+@pytest.mark.parametrize("world,rate", [(1, 0.3), (2, 0.75), (3, 0.3), (3, 0.75)])
+def test_partial_fc_sampling(tmp_path, world, rate):
     results = run_world(_sampling_worker, world, tmp_path, args=(rate,))
     emb, labels = _sampling_batch(world)
     global_batch = len(labels)

@@ -156,3 +156,67 @@ def test_bias_column_classifier_round_trips_through_a_checkpoint(tmp_path):
     back = ShardedMarginClassifier(10, 8, margin="softmax", seed=4)
     load_shard_from_dir(tmp_path, back)
     assert torch.equal(back.weight, clf.weight)
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_updates_nearest_rounding_loses():
+    from distrib_face.parallel.optim import stochastic_round_
+
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.tensor(1.0, dtype=torch.bfloat16)
+    step = 2.0**-7  # bf16 spacing in [1, 2)
+    x = torch.full((200_000,), 1.0 + 0.3 * step)  # 30% of the way to the next bf16 value
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    stochastic_round_(out, x.clone(), gen)
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + step}
+    up = float((out.float() > 1.0).double().mean())
+    assert abs(up - 0.3) < 6 * (0.3 * 0.7 / x.numel()) ** 0.5
+    neg = torch.empty_like(out)
+    stochastic_round_(neg, -x.clone(), gen)
+    assert abs(float((neg.float() < -1.0).double().mean()) - 0.3) < 0.01  # symmetric for negatives
+    # 1000 additions of 1e-4 (below half a bf16 step): nearest rounding never moves, stochastic does on average.
+    w_sr = torch.full((4096,), 1.0, dtype=torch.bfloat16)
+    w_rn = w_sr.clone()
+    for _ in range(1000):
+        stochastic_round_(w_sr, w_sr.float() + 1e-4, gen)
+        w_rn.copy_(w_rn.float() + 1e-4)
+    assert bool((w_rn == lo).all())
+    assert abs(float(w_sr.double().mean()) - 1.1) < 0.005
+
+
+def test_two_backwards_without_zero_grad_accumulate():
+    """The reused gradient buffer must not alias the gradient it is added to."""
+    torch.manual_seed(0)
+    clf = ShardedMarginClassifier(50, 6, margin="cosface", dtype=torch.float64)
+    emb, labels = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 50, (5,))
+    clf(emb, labels).backward()
+    once = clf.weight.grad.clone()
+    clf(emb, labels).backward()
+    torch.testing.assert_close(clf.weight.grad, 2 * once, rtol=1e-13, atol=0)
+
+
+def test_sampled_forward_refuses_an_unconsumed_row_gradient():
+    clf = ShardedMarginClassifier(100, 6, sample_rate=0.2)
+    clf(torch.randn(4, 6), torch.tensor([1, 2, 3, 4])).backward()
+    with pytest.raises(RuntimeError, match="rows of the previous step still hold a gradient"):
+        clf(torch.randn(4, 6), torch.tensor([1, 2, 3, 4]))
+
+
+def test_bf16_and_offloaded_shards_round_trip_through_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    src = ShardedMarginClassifier(40, 8, margin="cosface", dtype=torch.bfloat16, sample_rate=0.3, offload="host")
+    opt = ShardOptimizer(src, "sgd", lr=0.1)
+    for _ in range(2):
+        src(torch.randn(6, 8), torch.randint(0, 40, (6,))).backward()
+        opt.step()
+        opt.zero_grad()
+    save_shard(tmp_path / "bf16", src, opt)
+    back = ShardedMarginClassifier(40, 8, margin="cosface", dtype=torch.bfloat16, sample_rate=0.3, seed=9)
+    back_opt = ShardOptimizer(back, "sgd", lr=0.1)
+    load_shard_from_dir(tmp_path / "bf16", back, back_opt)
+    assert back.weight.dtype == torch.bfloat16 and torch.equal(back.weight, src.weight)
+    assert torch.equal(back_opt.buffers["momentum_buffer"], opt.buffers["momentum_buffer"])
+    assert back_opt.num_steps == opt.num_steps == 2 and int(back.sample_step) == 2
+    # A bf16 checkpoint into an fp32 classifier is exact; fp32 into bf16 rounds to nearest.
+    wide = ShardedMarginClassifier(40, 8, margin="cosface", seed=9)
+    load_shard_from_dir(tmp_path / "bf16", wide)
+    assert torch.equal(wide.weight, src.weight.float())
