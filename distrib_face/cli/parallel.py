@@ -29,6 +29,17 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
                    help="also time the four matmuls of each step on the rows it uses (the floor of the fast path)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the top N operators of two steps of each case (torch.profiler, self CPU time)")
+    p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="storage dtype of the class weights and their optimizer state")
+    p.add_argument("--offload", default="none", choices=["none", "host"],
+                   help="host: shard and optimizer state in host memory, rows in use moved to the device")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="the shard optimizer")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan (bytes per class per component, largest C that fits) instead of timing")
+    p.add_argument("--device-memory", default="80GB", help="--plan: memory of one device (80GB, 80GiB, 24GB...)")
+    p.add_argument("--reserve", default="0", help="--plan: device memory kept for the backbone and context")
+    p.add_argument("--measure", action="store_true",
+                   help="--plan: also run each case on this CPU and print the measured peak next to the plan")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench_classifier)
 
@@ -60,9 +71,46 @@ def _bench_classifier(args: argparse.Namespace) -> int:
         classes=cases[0][0], batch=args.batch, embedding=args.embedding, sample_rate=cases[0][1],
         dtype=args.dtype, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
         chunk_size=args.chunk_size, margin=args.margin, device=args.device, floor=args.floor, profile=args.profile,
+        weight_dtype=args.weight_dtype, offload=args.offload, optimizer=args.optimizer,
     )
+    if args.plan:
+        return _plan(args, spec, cases)
     results = run_cases(spec, cases, baseline=not args.no_baseline)
     print(json.dumps(results_as_dicts(results), indent=2) if args.json else format_table(results))
+    return 0
+
+
+def _plan(args: argparse.Namespace, spec: object, cases: list[tuple[int, float]]) -> int:
+    import dataclasses
+
+    from distrib_face.parallel.bench import measure_peak
+    from distrib_face.parallel.plan import PlanSpec, format_plan, format_plan_summary, make_plan, parse_bytes
+
+    try:
+        memory, reserve = parse_bytes(args.device_memory), parse_bytes(args.reserve)
+    except ValueError as err:
+        raise SystemExit(f"--device-memory / --reserve: {err}") from None
+    plans, measured = [], []
+    for classes, rate in cases:
+        plan_spec = PlanSpec(classes=classes, embedding=args.embedding, batch=args.batch, world_size=args.world_size,
+                             sample_rate=rate, weight_dtype=args.weight_dtype, offload=args.offload,
+                             optimizer=args.optimizer, chunk_size=args.chunk_size)
+        plans.append(make_plan(plan_spec, memory, reserve))
+        if args.measure:
+            measured.append(measure_peak(dataclasses.replace(spec, classes=classes, sample_rate=rate,
+                                                             steps=2, warmup=1, floor=False, profile=0)))
+    if args.json:
+        rows = [{"classes": p.spec.classes, "sample_rate": p.spec.sample_rate, "device_bytes": p.device_total,
+                 "host_bytes": p.host_total, "max_classes": p.max_classes,
+                 "components": [dataclasses.asdict(c) for c in p.components]} for p in plans]
+        for row, m in zip(rows, measured):
+            row.update(m)
+        print(json.dumps(rows, indent=2))
+        return 0
+    if len(plans) > 1 or measured:
+        print(format_plan_summary(plans, measured))
+        print()
+    print(format_plan(plans[-1]))
     return 0
 
 

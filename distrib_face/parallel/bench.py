@@ -56,6 +56,9 @@ class BenchSpec:
     device: str = "cpu"
     floor: bool = False
     profile: int = 0
+    weight_dtype: str = "fp32"
+    offload: str = "none"
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if self.dtype not in COMPUTE_DTYPES:
@@ -64,6 +67,12 @@ class BenchSpec:
             raise ValueError(f"--classes ({self.classes}) must be >= --world-size ({self.world_size})")
         if self.device.startswith("cuda") and self.world_size > 1:
             raise ValueError("several ranks on one GPU are refused by NCCL: use --world-size 1 on a GPU")
+        if self.weight_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--weight-dtype must be fp32 or bf16, got {self.weight_dtype!r}")
+        if self.offload not in ("none", "host"):
+            raise ValueError(f"--offload must be none or host, got {self.offload!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
 
 
 @dataclass
@@ -163,8 +172,9 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
     clf = ShardedMarginClassifier(
         spec.classes, spec.embedding, margin=create_margin(spec.margin), sample_rate=spec.sample_rate,
         group=group, device=device, chunk_size=spec.chunk_size, compute_dtype=_compute_dtype(spec.dtype),
+        dtype=parse_dtype(spec.weight_dtype, "--weight-dtype"), offload=spec.offload, equal_batches=True,
     )
-    opt = ShardOptimizer(clf, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = ShardOptimizer(clf, spec.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(1234 + clf.rank)
     emb = torch.randn(spec.batch, spec.embedding, device=device, generator=gen).requires_grad_(True)
     labels = torch.randint(0, spec.classes, (spec.batch,), device=device, generator=gen)
@@ -184,6 +194,24 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
     if spec.profile:
         out["profile"] = _profile_table(step, spec.profile)
     return out
+
+
+def measure_peak(spec: BenchSpec) -> dict[str, float]:
+    """Run ``spec`` (world 1, CPU) in a fresh process; its peak memory growth in bytes and the plan's total.
+
+    The check behind ``--plan --measure`` and tests/unit/test_classifier_plan.py: on a CPU host and device are
+    the same memory, so the measured peak resident growth is compared with the plan's device + host total.
+    """
+    from distrib_face.parallel.plan import PlanSpec, make_plan
+
+    if spec.world_size != 1 or not spec.device.startswith("cpu"):
+        raise ValueError("measure_peak runs one CPU process: --world-size 1 --device cpu")
+    measured = _spawn(spec, "sharded", 1)[0]
+    plan = make_plan(PlanSpec(classes=spec.classes, embedding=spec.embedding, batch=spec.batch, world_size=1,
+                              sample_rate=spec.sample_rate, weight_dtype=spec.weight_dtype, offload=spec.offload,
+                              optimizer=spec.optimizer, chunk_size=spec.chunk_size))
+    return {"measured_bytes": measured["mem"] * 2**20, "plan_bytes": plan.device_total + plan.host_total,
+            "ms_per_step": measured["ms"]}
 
 
 def _rows_per_step(clf: Any) -> int:
@@ -262,8 +290,11 @@ def run_benchmark(spec: BenchSpec, baseline: bool = True) -> list[BenchResult]:
         per_rank = [_sharded_rank(spec)]
     else:
         per_rank = _spawn(spec, "sharded", spec.world_size)
+    dtype = spec.dtype if spec.weight_dtype == "fp32" else f"{spec.dtype} (weights {spec.weight_dtype})"
+    if spec.offload != "none":
+        dtype += f", offload {spec.offload}"
     common = dict(world_size=spec.world_size, classes=spec.classes, batch_per_rank=spec.batch,
-                  sample_rate=spec.sample_rate, dtype=spec.dtype, device=spec.device)
+                  sample_rate=spec.sample_rate, dtype=dtype, device=spec.device)
     slowest = max(per_rank, key=lambda p: p["ms"])
     results.append(BenchResult("sharded", ms_per_step=slowest["ms"], peak_mem_mb=max(p["mem"] for p in per_rank),
                                note="slowest rank; memory per rank", rows_per_step=slowest["rows"],

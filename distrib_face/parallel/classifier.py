@@ -353,7 +353,7 @@ class ShardedMarginClassifier(nn.Module):
         self._rows_buffer: Tensor | None = None  # [rows in use, D] leaf on the compute device
         self._draws: dict[int, int] = {}  # slots -> uniform draws that hold them (sampling.num_draws)
         self.sample_rate = sample_rate  # again, now that the shard exists: allocates the row buffer
-        self._staging: Tensor | None = None  # [rows in use, D] pinned host buffer (offload)
+        self._staging: dict[str, Tensor] = {}  # offload: [rows in use, D] host buffers, pinned on CUDA
         self._rows_ready: Any = None  # CUDA event: the rows buffer holds this step's rows (offload)
         self._copy_stream: Any = None
         self._pending_writeback: list[Any] = []  # offload: updated rows on their way back to the host
@@ -509,32 +509,46 @@ class ShardedMarginClassifier(nn.Module):
         if self.offload == "none":
             gather_rows(self.weight, rows, buf)
             return buf
-        # Offload: gather on the host into a (pinned) staging buffer, then one copy to the device.
-        if self._staging is None or self._staging.shape != buf.shape:
-            self._staging = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=self.device.type == "cuda")
-        elif self._rows_ready is not None:
+        if self._rows_ready is not None:
             self._rows_ready.synchronize()  # the previous copy out of the staging buffer is done
-        if rows is None:
-            self._staging.copy_(self.weight)
-        else:
-            gather_rows(self.weight, rows, self._staging)
+        staged = self.stage_rows("weight", self.weight, rows)
         if self.device.type == "cuda":
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's use of buf
             with torch.cuda.stream(self._copy_stream):
-                buf.copy_(self._staging, non_blocking=True)
+                buf.copy_(staged, non_blocking=True)
                 self._rows_ready = torch.cuda.Event()
                 self._rows_ready.record(self._copy_stream)
         else:
-            buf.copy_(self._staging)
+            buf.copy_(staged)
         return buf
 
-    def schedule_writeback(self, host: Tensor, rows: Tensor | None, values: Tensor) -> None:
+    @torch.no_grad()
+    def stage_rows(self, name: str, host: Tensor, rows: Tensor | None) -> Tensor:
+        """Offload: gather ``host``'s rows ``rows`` (all when None) into the staging buffer kept for ``name``.
+
+        One buffer per name (``"weight"``, each optimizer state), pinned when the device is CUDA, allocated
+        once: the rows leave for the device from there, and their updates come back through it.
+        """
+        num_rows = host.shape[0] if rows is None else rows.shape[0]
+        staging = self._staging.get(name)
+        if staging is None or staging.shape != (num_rows, host.shape[1]) or staging.dtype != host.dtype:
+            staging = torch.empty((num_rows, host.shape[1]), dtype=host.dtype, pin_memory=self.device.type == "cuda")
+            self._staging[name] = staging
+        if rows is None:
+            staging.copy_(host)
+        else:
+            gather_rows(host, rows, staging)
+        return staging
+
+    def schedule_writeback(self, name: str, host: Tensor, rows: Tensor | None, values: Tensor) -> None:
         """Offload: copy updated ``values`` (device) into ``host`` at shard rows ``rows`` (all when None).
 
-        On CUDA the device-to-host copy is asynchronous into a pinned buffer and the host-side scatter
-        happens at the next plan (:meth:`prefetch` / forward) or :meth:`flush`; on a CPU device at once.
+        On CUDA the device-to-host copy goes asynchronously into ``name``'s staging buffer (free again: its
+        rows reached the device before they were used) and the host-side scatter waits for the next plan
+        (:meth:`prefetch` / forward, which the backbone's forward overlaps) or :meth:`flush`. On a CPU
+        device the rows are written at once.
         """
         if self.device.type != "cuda":
             if rows is None:
@@ -542,7 +556,7 @@ class ShardedMarginClassifier(nn.Module):
             else:
                 scatter_rows_(host, rows, values)
             return
-        staging = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        staging = self._staging[name]
         staging.copy_(values, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

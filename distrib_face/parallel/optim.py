@@ -186,8 +186,7 @@ class ShardOptimizer(torch.optim.Optimizer):
             for name, buf in self.buffers.items():
                 rows = self._state_rows(name, w)
                 if clf.offload == "host":
-                    host_rows = buf if row_index is None else buf.index_select(0, row_index)
-                    rows.copy_(host_rows, non_blocking=True)
+                    rows.copy_(clf.stage_rows(name, buf, row_index), non_blocking=True)
                 else:
                     gather_rows(buf, row_index, rows)
                 state[name] = rows
@@ -197,10 +196,10 @@ class ShardOptimizer(torch.optim.Optimizer):
         self._update(w, grad, state, group, steps, generator)
         if rows_in_use is not weight:
             row_index = clf.active_row_index()
-            targets = [(weight, w)] + [(self.buffers[name], rows) for name, rows in state.items()]
-            for host, rows in targets:
+            targets = [("weight", weight, w)] + [(name, self.buffers[name], rows) for name, rows in state.items()]
+            for name, host, rows in targets:
                 if clf.offload == "host":
-                    clf.schedule_writeback(host.data, row_index, rows)
+                    clf.schedule_writeback(name, host.data, row_index, rows)
                 elif row_index is None:
                     host.data.copy_(rows)
                 else:

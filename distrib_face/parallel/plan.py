@@ -12,7 +12,8 @@ per class of the shard (``C_local = ceil(C / W)``, ``K`` rows of ``D`` values pe
 per class *in use* each step (``S`` of them: ``num_slots``, about ``rate x C_local``; all of them without sampling)
     dense in-device: the weight gradient ``K D w``. Sampled or offloaded: the row buffer ``K D w``, its
     gradient ``K D w``, the optimizer-state rows ``K D w`` each, and the sampling temporaries (about 1.06
-    draws per slot at rate 0.1, six int64 vectors of that length). Offloaded rows are also staged in host memory.
+    draws per slot at rate 0.1, six int64 vectors of that length). Offloaded rows are also staged in host
+    memory (one buffer for the weights and one per state tensor, pinned on CUDA, used both ways).
 per step, whatever the class count
     the logit block ``B_global x chunk`` fp32 and the chunk's weight copies (``chunk x D`` fp32, up to three
     for bf16 storage), or, during the bf16 update, its float32 chunk temporaries; whichever is larger.
@@ -130,13 +131,14 @@ def _components(spec: PlanSpec, local_classes: int) -> tuple[list[Component], in
         out.append(Component("row buffer (rows in use)", in_use * row))
         out.append(Component("gradient of the rows in use", in_use * row))
         out.append(Component("optimizer-state rows in use", in_use * row * state_tensors))
-        if offload:  # the staging buffer, the gathered state rows and the rows written back
-            out.append(Component("host staging of the rows in use", 0.0, in_use * row * (2 + 2 * state_tensors)))
+        if offload:  # one staging buffer for the weights and one per state tensor, both directions
+            out.append(Component("host staging of the rows in use", 0.0, in_use * row * (1 + state_tensors)))
     else:
         out.append(Component("weight gradient", in_use * row))
     chunk = min(spec.chunk_size, in_use)
     logits = global_batch * chunk * 4 + chunk * k * d * (4 * 3 if w < 4 else 4)
-    update = UPDATE_CHUNK_ELEMENTS * 4 * (3 + state_tensors) if w < 4 else 0
+    # bf16: float32 copies of a chunk of rows (weights, gradient, state) and the rounding noise (int32).
+    update = min(UPDATE_CHUNK_ELEMENTS, in_use * k * d) * 4 * (3 + state_tensors) if w < 4 else 0
     out.append(Component("per-step work (logit block / update chunks)", max(logits, update), per_class=False))
     return out, in_use
 
@@ -186,4 +188,23 @@ def format_plan(plan: Plan) -> str:
         lines += ["", f"Device memory {_gb(plan.device_memory)} GB, {_gb(plan.reserve)} GB reserved for the "
                       f"backbone: {spec.classes:,} classes {fits}; the largest class count that fits is "
                       f"**{plan.max_classes:,}** ({plan.max_classes / 1e6:,.1f}M)."]
+    return "\n".join(lines)
+
+
+def format_plan_summary(plans: list[Plan], measured: list[dict[str, float]] | None = None) -> str:
+    """One row per plan: device and host GB per rank, whether it fits, the largest C; with ``measured``
+    (from :func:`~distrib_face.parallel.bench.measure_peak`), the peak measured on this machine beside it."""
+    measured = measured or []
+    head = "| classes | rate | weights | offload | in use/step | device GB/rank | host GB/rank | fits | largest C |"
+    if measured:
+        head += " measured peak GB (CPU) | measured / plan |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for i, p in enumerate(plans):
+        fits = "yes" if p.device_memory and p.device_total <= p.device_memory - p.reserve else "no"
+        line = (f"| {p.spec.classes:,} | {p.spec.sample_rate:g} | {p.spec.weight_dtype} | {p.spec.offload} | "
+                f"{p.rows_in_use:,} | {_gb(p.device_total)} | {_gb(p.host_total)} | {fits} | {p.max_classes:,} |")
+        if i < len(measured):
+            m = measured[i]
+            line += f" {_gb(m['measured_bytes'])} | {m['measured_bytes'] / m['plan_bytes']:.2f} |"
+        lines.append(line)
     return "\n".join(lines)
