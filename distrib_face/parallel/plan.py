@@ -11,7 +11,7 @@ per class of the shard (``C_local = ceil(C / W)``, ``K`` rows of ``D`` values pe
     sampling only). With ``offload: host`` these live in host memory.
 per class *in use* each step (``S`` of them: ``num_slots``, about ``rate x C_local``; all of them without sampling)
     dense in-device: the weight gradient ``K D w``. Sampled or offloaded: the row buffer ``K D w``, its
-    gradient ``K D w``, the optimizer-state rows ``K D w`` each, and the sampling temporaries (about 1.06
+    gradient ``K D w``, the optimizer-state rows ``K D w`` each, and the sampling temporaries (about 1.07
     draws per slot at rate 0.1, six int64 vectors of that length). Offloaded rows are also staged in host
     memory (one buffer for the weights and one per state tensor, pinned on CUDA, used both ways).
 per step, whatever the class count

@@ -84,7 +84,7 @@ def _log_shortfall_bound(num_classes: int, needed: int, draws: int) -> float:
 def num_draws(num_classes: int, needed: int, log2_failure: int = LOG2_SHORTFALL) -> int:
     """The fewest uniform draws from ``num_classes`` that hold ``needed`` distinct values except with
     probability ``<= 2**-log2_failure`` (about ``-C ln(1 - needed / C)`` plus a few standard deviations:
-    1.06 x needed at rate 0.1, 1.5 x at 0.5).
+    1.07 x needed at rate 0.1, 1.4 x at 0.5).
     """
     if needed > num_classes:
         raise ValueError(f"cannot draw {needed} distinct classes out of {num_classes}")
