@@ -131,22 +131,29 @@ def _memory_mb(device: torch.device, rss_before: float) -> float:
 
 
 def _matmul_floor_ms(spec: BenchSpec, rows: int, device: torch.device) -> float:
-    """Median ms of the four matmuls of one fast-path step over ``rows`` class rows, chunked as the classifier."""
+    """Median ms of the four matmuls of one fast-path step over ``rows`` class rows, chunked as the classifier.
+
+    Outputs are preallocated (``out=``): the floor is the arithmetic, not the allocator.
+    """
     gen = torch.Generator(device=device).manual_seed(99)
     compute = _compute_dtype(spec.dtype) or torch.float32
     batch = spec.batch * spec.world_size
+    chunk = min(rows, spec.chunk_size)
     x = torch.randn(batch, spec.embedding, device=device, generator=gen).to(compute)  # [B_global, D]
     w = torch.randn(rows, spec.embedding, device=device, generator=gen).to(compute)  # [rows, D]
-    g = torch.randn(batch, min(rows, spec.chunk_size), device=device, generator=gen).to(compute)  # [B, chunk]
+    g = torch.randn(batch, chunk, device=device, generator=gen).to(compute)  # [B, chunk]
+    logits = torch.empty(batch, chunk, device=device, dtype=compute)
+    grad_x = torch.empty(batch, spec.embedding, device=device, dtype=compute)
+    grad_w = torch.empty(rows, spec.embedding, device=device, dtype=compute)
 
     def four() -> None:
-        for c0 in range(0, rows, spec.chunk_size):
-            chunk = w[c0: c0 + spec.chunk_size]
-            grad = g[:, : chunk.shape[0]]
-            x @ chunk.t()  # forward logits
-            x @ chunk.t()  # recomputed in the backward
-            grad @ chunk  # embedding gradient
-            grad.t() @ x  # weight gradient
+        for c0 in range(0, rows, chunk):
+            c1 = min(c0 + chunk, rows)
+            w_c, g_c, out = w[c0:c1], g[:, : c1 - c0], logits[:, : c1 - c0]
+            torch.mm(x, w_c.t(), out=out)  # forward logits
+            torch.mm(x, w_c.t(), out=out)  # recomputed in the backward
+            torch.mm(g_c, w_c, out=grad_x)  # embedding gradient (accumulated by the step; same cost)
+            torch.mm(g_c.t(), x, out=grad_w[c0:c1])  # weight gradient
 
     return statistics.median(_timed(four, spec, device))
 

@@ -8,9 +8,10 @@ times the upstream gradient times ``s r_c``, 0 at each row's target),
     dL/du      = D W                                              (one matmul)
     dL/dw_c    = A_c - r_c^2 (A_c . w_c) w_c,   A = D^T u         (one matmul, one row-wise dot)
 
-using ``sum_b D_bc raw_bc = A_c . w_c``, so the backward's element-wise work on the ``[B, chunk]`` block is
-three passes (``exp(raw s r - shift)``, the target mask, the column scale) and the matmuls read each chunk
-of weights once. The Function also owns the gradient of each row's *target cosine* (an input computed
+using ``sum_b D_bc raw_bc = A_c . w_c``: the row dots come from whichever operand is smaller, the
+``[B, chunk]`` block (``B <= D``: one product and one matrix-vector product) or the ``[chunk, D]`` gradient (a
+batched dot). The backward's element-wise work on the block is three passes (``exp(raw s r - shift)``, the
+target mask, the column scale), and the matmuls read each chunk of weights once. The Function also owns the gradient of each row's *target cosine* (an input computed
 before the margin's statistics, echoed as an output): its contribution to ``dL/du`` and to the target rows
 of ``dL/dW`` is added in the same backward, so the weights never receive a second dense gradient that
 autograd would have to zero-fill and add. Rows whose target is on another rank carry ``target_col = -1``.
@@ -80,10 +81,11 @@ class Workspace:
         return self.take("grad", tuple(holder.shape), holder.dtype, holder.device)
 
 
-def _block(workspace: Workspace | None, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _block(workspace: Workspace | None, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+           name: str = "block") -> Tensor:
     if workspace is None:
         return torch.empty((rows, cols), dtype=dtype, device=device)
-    return workspace.take("block", (rows, cols), dtype, device)
+    return workspace.take(name, (rows, cols), dtype, device)
 
 
 def _matmul_dtype(weight: Tensor, compute_dtype: torch.dtype | None, stat_dtype: torch.dtype) -> torch.dtype:
@@ -161,14 +163,19 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         if want_weight:
             grad_weight = workspace.take_grad(weight) if workspace is not None else torch.empty_like(weight)
         x_mm = _cast(x_unit, mm_dtype)
+        num_rows = x_unit.shape[0]
         exact = mm_dtype == stat_dtype == weight.dtype  # no casts: matmuls write straight into their outputs
         for c0 in range(0, weight.shape[0], ctx.chunk_size):
             c1 = min(c0 + ctx.chunk_size, weight.shape[0])
             w = weight[c0:c1]
             w_mm = _cast(w, mm_dtype)  # cast once for the three matmuls that read the chunk
             coef = inv_wnorm[c0:c1] * scale  # [c]: d logit / d raw
-            block = _logits(x_mm, w, mm_dtype, stat_dtype, workspace, w_mm)  # [B, c] raw cosines
-            torch.addcmul(neg_shift, block, coef[None, :], out=block).exp_()  # |g| softmax
+            raw = _logits(x_mm, w, mm_dtype, stat_dtype, workspace, w_mm)  # [B, c] raw cosines
+            # Keep raw for the row dots when the [B, c] block is the smaller operand (B <= D); else the dots
+            # come from the [c, D] weight gradient and the block is reused in place.
+            dots_from_block = grad_weight is not None and num_rows <= x_unit.shape[1]
+            block = _block(workspace, num_rows, c1 - c0, stat_dtype, raw.device, "block2") if dots_from_block else raw
+            torch.addcmul(neg_shift, raw, coef[None, :], out=block).exp_()  # |g| softmax
             mask_targets_(block, target_col, c0, 0.0)  # the target's share goes through grad_cos
             block.mul_(coef)  # |dL/draw|
             if exact:
@@ -182,8 +189,11 @@ class LinearMarginLogSumExp(torch.autograd.Function):
                 else:
                     first = _cast(_cast(block, mm_dtype).t() @ x_signed, stat_dtype)
                     w_stat = _cast(w, stat_dtype)
-                # Row-wise dots A_c . w_c as a batched matmul: no [c, D] product temporary.
-                dots = torch.einsum("cd,cd->c", first, w_stat) * inv_wnorm[c0:c1].square()  # [c]
+                if dots_from_block:  # A_c . w_c = sum_b sign_b |dL/draw_bc| raw_bc
+                    dots = torch.mv(torch.mul(block, raw, out=raw).t(), sign)
+                else:  # the row-wise dots as a batched matmul: no [c, D] product temporary
+                    dots = torch.einsum("cd,cd->c", first, w_stat)
+                dots.mul_(inv_wnorm[c0:c1].square())  # [c]
                 first.addcmul_(w_stat, dots[:, None], value=-1.0)
                 if not exact:
                     grad_weight[c0:c1].copy_(first)

@@ -136,7 +136,8 @@ def _components(spec: PlanSpec, local_classes: int) -> tuple[list[Component], in
     else:
         out.append(Component("weight gradient", in_use * row))
     chunk = min(spec.chunk_size, in_use)
-    logits = global_batch * chunk * 4 + chunk * k * d * (4 * 3 if w < 4 else 4)
+    blocks = 2 if global_batch <= k * d else 1  # a second [B, chunk] block holds the raw cosines when B <= D
+    logits = blocks * global_batch * chunk * 4 + chunk * k * d * (4 * 3 if w < 4 else 4)
     # bf16: float32 copies of a chunk of rows (weights, gradient, state) and the rounding noise (int32).
     update = min(UPDATE_CHUNK_ELEMENTS, in_use * k * d) * 4 * (3 + state_tensors) if w < 4 else 0
     out.append(Component("per-step work (logit block / update chunks)", max(logits, update), per_class=False))

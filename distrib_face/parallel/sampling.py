@@ -138,14 +138,16 @@ def step_keys(base_key: int, step: Tensor) -> tuple[Tensor, Tensor]:
 def uniform_draws(keys: tuple[Tensor, Tensor], count: int, num_classes: int, device: torch.device) -> Tensor:
     """``[count]`` int64 draws, uniform on ``[0, num_classes)`` to within ``num_classes / 2**64``.
 
-    Draw ``j`` is a hash of ``(keys, j)``: 64 hashed bits mapped to the range by a multiply-shift (Lemire),
-    computed in int64 pieces that never overflow (``num_classes < 2**31``).
+    Draw ``j`` is a hash of ``(keys, j)``: a full :func:`hash32` gives the high 32 bits, one more
+    multiply-xorshift of them the low 32, and the 64 bits are mapped onto the range by a multiply-shift
+    (Lemire), computed in int64 pieces that never overflow (``num_classes < 2**31``).
     """
     if not 1 <= num_classes < 2**31:
         raise ValueError(f"num_classes must be in [1, 2**31), got {num_classes}")
     j = torch.arange(count, dtype=torch.int64, device=device)  # [count]
     hi = hash32(((j * _GOLDEN32) & _M32) ^ keys[0])
-    lo = hash32(hi ^ keys[1])
+    lo = ((hi ^ keys[1]) * _MUL1) & _M32
+    lo ^= lo >> 15
     # floor(((hi << 32) + lo) * C / 2**64) = floor((hi * C + floor(lo * C / 2**32)) / 2**32)
     return (hi * num_classes + ((lo * num_classes) >> 32)) >> 32
 

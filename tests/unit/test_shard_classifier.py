@@ -122,12 +122,14 @@ def test_bad_shapes_are_named():
 
 
 @pytest.mark.parametrize("margin", ["normface", "cosface", "arcface", "combined"])
-def test_fast_path_equals_generic_autograd_path(margin):
+@pytest.mark.parametrize("batch,dim", [(20, 16), (8, 32)])  # row dots from the [c, D] gradient / the [B, c] block
+def test_fast_path_equals_generic_autograd_path(margin, batch, dim):
     """Margins with s*cos negatives take the analytic backward; it must equal the autograd-per-chunk path."""
     torch.manual_seed(0)
-    clf = ShardedMarginClassifier(301, 16, margin=margin, dtype=torch.float64, chunk_size=37)
+    clf = ShardedMarginClassifier(301, dim, margin=margin, dtype=torch.float64, chunk_size=37)
     assert clf.margin.linear_scale == clf.margin.scale
-    emb, labels = torch.randn(20, 16, dtype=torch.float64, requires_grad=True), torch.randint(0, 301, (20,))
+    emb = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 301, (batch,))
     results = []
     for fast in (True, False):
         clf.fast_path = fast
