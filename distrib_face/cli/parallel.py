@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
                    help="also time the four matmuls of each step on the rows it uses (the floor of the fast path)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the top N operators of two steps of each case (torch.profiler, self CPU time)")
+    p.add_argument("--threads", type=int, default=0, help="threads per rank (0: the cores shared out over the ranks)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="time steps by the wall clock or by the process's CPU time (stable on a shared machine)")
     p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="storage dtype of the class weights and their optimizer state")
     p.add_argument("--offload", default="none", choices=["none", "host"],
@@ -72,6 +75,7 @@ def _bench_classifier(args: argparse.Namespace) -> int:
         dtype=args.dtype, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
         chunk_size=args.chunk_size, margin=args.margin, device=args.device, floor=args.floor, profile=args.profile,
         weight_dtype=args.weight_dtype, offload=args.offload, optimizer=args.optimizer,
+        threads=args.threads, clock=args.clock,
     )
     if args.plan:
         return _plan(args, spec, cases)

@@ -188,7 +188,7 @@ class LinearMarginLogSumExp(torch.autograd.Function):
                     w_stat = w
                 else:
                     first = _cast(_cast(block, mm_dtype).t() @ x_signed, stat_dtype)
-                    w_stat = _cast(w, stat_dtype)
+                    w_stat = w_mm if w_mm.dtype == stat_dtype else _cast(w, stat_dtype)  # one upcast per chunk
                 if dots_from_block:  # A_c . w_c = sum_b sign_b |dL/draw_bc| raw_bc
                     dots = torch.mv(torch.mul(block, raw, out=raw).t(), sign)
                 else:  # the row-wise dots as a batched matmul: no [c, D] product temporary

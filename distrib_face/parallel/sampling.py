@@ -204,7 +204,8 @@ def sample_slots(
     target_slot = torch.where(owned, pos_rank.gather(0, first_row), 0)
     # Slots in increasing class order: the shard's rows are then gathered and scattered front to back
     # (about 1.3x faster than in random order on the CPU). A sort of S indices, not of the shard.
-    slot_class, order = slot_class[:slots].sort()
+    sorted32, order = slot_class[:slots].to(torch.int32).sort()  # int32 keys sort ~2x faster (C_local < 2**31)
+    slot_class = sorted32.to(torch.int64)
     new_position = torch.empty_like(order).scatter_(0, order, torch.arange(slots, device=device))
     target_slot = torch.where(owned, new_position.gather(0, target_slot), -1)
     return slot_class, target_slot, shortfall
