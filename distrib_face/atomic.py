@@ -7,7 +7,10 @@ is fsynced so the rename survives a power cut. On any error the temp file is rem
 target, if any, is untouched.
 
 A full or read-only disk raises :class:`OutputError` naming the target path ("no space left on PATH"),
-which the entry points turn into one line for the user.
+which the entry points turn into one line for the user. Writers that fail without an ``OSError`` (``torch.save``
+reports a short write as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``) are
+diagnosed from the disk itself (:func:`explain_write_failure`: no free blocks, or a file at the file-size
+limit of ``ulimit -f``).
 
 This module is a leaf: it imports nothing of distrib_face, so every layer may use it.
 """
@@ -28,6 +31,8 @@ __all__ = [
     "atomic_dir",
     "atomic_open",
     "atomic_path",
+    "explain_os_error",
+    "explain_write_failure",
     "fsync_dir",
     "fsync_tree",
     "write_bytes",
@@ -55,6 +60,53 @@ def explain_os_error(err: OSError, path: str | os.PathLike) -> OSError:
     return out
 
 
+def explain_write_failure(
+    err: BaseException, path: str | os.PathLike, written: str | os.PathLike | None = None
+) -> BaseException:
+    """``err`` as an :class:`OutputError` when the disk is why writing ``path`` failed, else ``err`` itself.
+
+    For writers whose errors carry no errno (``torch.save``'s ``RuntimeError``), the disk is asked: no free
+    blocks on the file system of ``path`` means "no space left on PATH"; a file under ``written`` (the
+    partial file or folder, default ``path``) that reached this process's ``RLIMIT_FSIZE`` means "file too
+    large for FILE". An ``OSError`` goes through :func:`explain_os_error`.
+    """
+    if isinstance(err, OSError):
+        return explain_os_error(err, path)
+    found = _disk_diagnosis(Path(path), Path(written) if written is not None else Path(path))
+    if found is None:
+        return err
+    code, message, where = found
+    out = OutputError(code, message)
+    out.filename = str(where)
+    return out
+
+
+def _disk_diagnosis(path: Path, written: Path) -> tuple[int, str, Path] | None:
+    import resource
+
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+        if stats.f_bavail == 0 or stats.f_bfree == 0:
+            return errno.ENOSPC, f"no space left on {path}", path
+    except OSError:
+        pass
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit == resource.RLIM_INFINITY:
+        return None
+    files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()] if written.is_dir() else []
+    for file in files:
+        try:
+            if file.stat().st_size >= limit:
+                where = path if file == written else file
+                return errno.EFBIG, f"file too large for {where} (the file-size limit, ulimit -f, is {limit} bytes)", where
+        except OSError:
+            continue
+    return None
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a folder, so that a rename inside it is durable (a no-op where folders cannot be opened)."""
     try:
@@ -78,6 +130,25 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, racing other threads' writes)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside ``path`` for a writer that wants a file name (``np.savez``, ``onnx.save``).
@@ -97,10 +168,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates 0600; the result gets the mode a plain open() would give it (or keeps the mode of
+        # the file it replaces), so that an exported model or a plot logged to MLflow stays readable by others
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as err:
-        raise explain_os_error(err, path) from err
+    except Exception as err:
+        explained = explain_write_failure(err, path, tmp)
+        if explained is err:
+            raise
+        raise explained from err
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -16,6 +16,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,18 @@ def _check_non_negative(path: str, value: float | int) -> None:
         _fail(path, "must be >= 0", value)
 
 
+def _check_finite_tree(path: str, value: Any) -> None:
+    """Refuse NaN / Inf anywhere in ``value`` (nested mappings and lists too), naming the field path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} must be a finite number, got {value!r}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite_tree(f"{path}.{key}" if path else str(key), item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite_tree(f"{path}[{i}]", item)
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the training images come from and how they are decoded."""
@@ -78,6 +91,20 @@ class DataConfig:
     a mapping: the loader's options)."""
     resampled: bool = False
     """Draw shards with replacement (an endless stream) instead of epochs over the shard list."""
+    max_skip_fraction: float = 0.01
+    """Stop training (``DataQualityError``, naming the worst shard) once more than this fraction of the
+    samples read had to be skipped (bad images, bad labels, lost shard samples); checked once
+    ``data.skip_check_after`` samples were read, over the whole run (all ranks together when there are
+    several, at every log step). 0 tolerates nothing, 1 never stops."""
+    skip_check_after: int = 1000
+    """Samples read (per rank in a world of 1, over all ranks otherwise) before ``data.max_skip_fraction`` is
+    checked, so that one bad image among the first few does not stop a run."""
+    allow_missing_shards: bool = False
+    """Train without the shards the manifest names but that are missing (said once in the log). Off: a
+    missing shard is an error naming it."""
+    max_image_pixels: int = 36_000_000
+    """Largest ``width x height`` an image header may claim; larger ones (decompression bombs) are skipped
+    as ``too_large`` before any decoder allocates memory for them. Must be at least ``image_size**2``."""
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("shards", "random"))
@@ -90,8 +117,22 @@ class DataConfig:
         _check_positive("data.random_num_samples", self.random_num_samples)
         if not 16 <= self.image_size <= 1024:
             _fail("data.image_size", "must be in [16, 1024]", self.image_size)
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            _fail("data.max_skip_fraction", "must be in [0, 1]", self.max_skip_fraction)
+        _check_non_negative("data.skip_check_after", self.skip_check_after)
+        if isinstance(self.max_image_pixels, bool) or not self.max_image_pixels >= self.image_size ** 2:
+            _fail("data.max_image_pixels", f"must be an integer >= data.image_size**2 = {self.image_size ** 2}",
+                  self.max_image_pixels)
         if self.source == "shards" and not self.shards:
             raise ConfigError("data.shards must name a shard folder or manifest when data.source is 'shards', got None")
+        if isinstance(self.augment, dict):
+            from distrib_face.data.augment import resolve_augment  # the loader's own reading of the mapping
+
+            try:
+                resolve_augment(self.augment)
+            except (TypeError, ValueError) as err:
+                text = str(err)
+                raise ConfigError(f"data.{text}" if text.startswith("augment") else f"data.augment: {text}") from err
 
 
 @dataclass(kw_only=True)
@@ -114,11 +155,32 @@ class ModelConfig:
     """Recompute the activations of each residual stage in the backward pass (saves memory, costs ~30% time)."""
 
     def __post_init__(self) -> None:
-        if not self.backbone:
-            _fail("model.backbone", "must name a registered backbone", self.backbone)
+        from distrib_face.models.registry import backbone_options, is_backbone, list_backbones
+
+        if not self.backbone or not is_backbone(self.backbone):
+            raise ConfigError(f"model.backbone must be a registered backbone ({', '.join(list_backbones())}), "
+                              f"got {self.backbone!r}")
         _check_positive("model.embedding_size", self.embedding_size)
         if not 0.0 <= self.dropout < 1.0:
             _fail("model.dropout", "must be in [0, 1)", self.dropout)
+        for key, owner in _MODEL_FIELDS.items():
+            if key in self.kwargs:
+                raise ConfigError(f"model.kwargs.{key} is set by {owner}, got {self.kwargs[key]!r}: use {owner}")
+        accepted = backbone_options(self.backbone)
+        if accepted is not None:  # None: a factory taking any keyword (nothing to check against)
+            options = sorted(set(accepted) - set(_MODEL_FIELDS))
+            for key, value in self.kwargs.items():
+                if key not in accepted:
+                    raise ConfigError(f"model.kwargs.{key} is not an option of backbone {self.backbone!r}, got "
+                                      f"{value!r} (accepted: {', '.join(options)})")
+            if self.gradient_checkpointing and "gradient_checkpointing" not in accepted:
+                raise ConfigError(f"model.gradient_checkpointing is not supported by backbone {self.backbone!r}, "
+                                  f"got True (its options: {', '.join(options)})")
+
+
+_MODEL_FIELDS = {"embedding_size": "model.embedding_size", "dropout": "model.dropout",
+                 "channels_last": "model.channels_last"}
+"""Backbone keywords the trainer passes from their own config fields (so model.kwargs must not repeat them)."""
 
 
 @dataclass(kw_only=True)
@@ -150,6 +212,15 @@ class LossConfig:
     offload: Literal["none", "host"] = "none"
     """``host``: the class shard and its optimizer state live in host memory (pinned on CUDA) and each step moves
     only the rows in use to the device, overlapped with the backbone's forward; ``none``: all on the device."""
+    kernel: Literal["auto", "torch", "triton"] = "auto"
+    """How the margin softmax of ``s * cos`` margins (normface, cosface, arcface, combined) is computed:
+    ``torch`` (chunked matmuls, any device), ``triton`` (fused kernels that never write a ``[B, chunk]``
+    logit block; needs the triton package and a CUDA device) or ``auto`` (triton on CUDA when it imports,
+    else torch). Other margins always take the torch path. See docs/classifier.md."""
+    grad_filter: float | Literal["auto"] | None = None
+    """Gradient filtering of the fused backward: skip class tiles whose softmax probabilities are all
+    below this (``auto``: ``eps(compute dtype) / 32``, 2^-12 for bf16, as Cut Cross-Entropy). ``None``
+    (default): exact gradients. Not with ``kernel: torch``; its measured effect is in docs/classifier.md."""
     auxiliary: list[dict[str, Any]] = field(default_factory=list)
     """Metric / regularising losses added to the margin softmax, each ``{name, weight, options}``: triplet,
     contrastive, center, ring, intra_angle, inter_angle, uploss, magface (see distrib_face.losses.auxiliary)."""
@@ -158,11 +229,18 @@ class LossConfig:
         from distrib_face.losses.auxiliary import AuxLossSpec
         from distrib_face.losses.margins import list_margins  # the registry is the source of truth
 
+        seen: dict[str, int] = {}
         for i, spec in enumerate(self.auxiliary):
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"loss.auxiliary[{i}] must be a mapping {{name, weight, options}}, got {spec!r}")
             try:
-                AuxLossSpec.from_dict(dict(spec))
+                name = AuxLossSpec.from_dict(dict(spec)).name
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"loss.auxiliary[{i}]: {err}") from err
+            if name in seen:
+                raise ConfigError(f"loss.auxiliary[{i}]: auxiliary loss {name!r} is already "
+                                  f"loss.auxiliary[{seen[name]}], got {dict(spec)!r}: list each loss once")
+            seen[name] = i
 
         _check_choice("loss.margin", self.margin, list_margins())
         if not 0.0 < self.sample_rate <= 1.0:
@@ -183,6 +261,28 @@ class LossConfig:
         if self.offload == "host" and any(dict(spec).get("name") == "uploss" for spec in self.auxiliary):
             _fail("loss.offload", "must be 'none' with the auxiliary loss 'uploss' (it differentiates the whole "
                   "shard in device memory)", self.offload)
+        _check_choice("loss.kernel", self.kernel, ("auto", "torch", "triton"))
+        if self.grad_filter is not None:
+            if self.kernel == "torch":
+                _fail("loss.grad_filter", "filters the fused triton backward; loss.kernel: torch is exact",
+                      self.grad_filter)
+            if self.grad_filter != "auto" and (
+                isinstance(self.grad_filter, (bool, str)) or not 0.0 <= float(self.grad_filter) < 1.0
+            ):
+                _fail("loss.grad_filter", "must be 'auto', a probability in [0, 1) or null", self.grad_filter)
+        self._check_margin_builds()
+
+    def _check_margin_builds(self) -> None:
+        """Build the margin as the trainer will (cheap: a few scalars): its options are checked by the margin itself."""
+        from distrib_face.losses.margins import create_margin
+
+        overrides: dict[str, Any] = {key: getattr(self, key) for key in
+                                     ("scale", "angular_margin", "additive_margin", "multiplicative_margin")
+                                     if getattr(self, key) is not None}
+        try:
+            create_margin(self.margin, **overrides, options=dict(self.options))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"loss.options {dict(self.options)!r} (loss.margin {self.margin!r}): {err}") from err
 
 
 @dataclass(kw_only=True)
@@ -293,12 +393,51 @@ class DeepSpeedConfig:
         _check_positive("deepspeed.loss_scale_window", self.loss_scale_window)
         _check_positive("deepspeed.hysteresis", self.hysteresis)
         _check_positive("deepspeed.min_loss_scale", self.min_loss_scale)
-        if "optimizer" in self.extra:
-            raise ConfigError(
-                "deepspeed.extra.optimizer is not allowed, got "
-                f"{self.extra['optimizer']!r}: the trainer passes a torch optimizer (a DeepSpeed optimizer block "
-                "JIT-builds FusedAdam, ~75 s); choose it with optim.name"
-            )
+        _check_extra(self.extra)
+
+
+_DEEPSPEED_OWNED: dict[str, str] = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "train_batch_size": "data.batch_size (times optim.grad_accum and the world size)",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.name: the trainer passes a torch optimizer (a DeepSpeed optimizer block JIT-builds "
+                 "FusedAdam, ~75 s)",
+    "scheduler": "schedule: the trainer sets both optimisers' learning rates every step",
+    "bf16": "deepspeed.precision",
+    "fp16": "deepspeed.precision and deepspeed.loss_scale / initial_scale_power / loss_scale_window / hysteresis / "
+            "min_loss_scale",
+    "amp": "deepspeed.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "data_types.buffer_dtype": "deepspeed.precision (bf16 keeps the BatchNorm buffers in bf16)",
+}
+"""Keys of the DeepSpeed JSON the trainer sets from its own fields: deepspeed.extra must not override them."""
+
+_DEEPSPEED_UNSUPPORTED: dict[str, str] = {
+    "zero_optimization.elastic_checkpoint": "every rank checkpoints and restores its own ZeRO partition "
+                                            "(distrib_face.train.engine_state)",
+}
+
+
+def _check_extra(extra: Mapping[str, Any]) -> None:
+    for dotted, owner in _DEEPSPEED_OWNED.items():
+        found, value = _dig(extra, dotted)
+        if found:
+            raise ConfigError(f"deepspeed.extra.{dotted} is not allowed, got {value!r}: the trainer sets it from "
+                              f"{owner}; set that instead")
+    for dotted, why in _DEEPSPEED_UNSUPPORTED.items():
+        found, value = _dig(extra, dotted)
+        if found and value:
+            raise ConfigError(f"deepspeed.extra.{dotted} is not supported, got {value!r}: {why}")
+
+
+def _dig(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 @dataclass(kw_only=True)
@@ -332,6 +471,9 @@ class TrainConfig:
     """Images per forward pass during verification."""
     eval_at_start: bool = True
     """Also verify the untrained (or initial) backbone, for a before / after comparison."""
+    eval_class_size_edges: list[int] = field(default_factory=lambda: [10, 100])
+    """Pair sets whose images name training identities are also verified per class-size bucket: tail (fewer
+    than the first edge training images), torso, head (at least the second edge)."""
     log_every: int = 10
     """Log a progress line (and MLflow metrics) every this many optimiser steps."""
     max_bad_steps: int = 5
@@ -341,8 +483,15 @@ class TrainConfig:
     for time-sliced jobs and resume tests."""
     export_onnx: bool = True
     """Export the final backbone to ONNX (and log it to MLflow)."""
-    debug_nan_steps: list[int] = field(default_factory=list)
-    """Test hook: make the loss NaN at these micro-steps (0-based count of batches drawn)."""
+    on_divergence: Literal["abort", "rollback"] = "abort"
+    """What a non-finite training state found when a checkpoint is due does (the checkpoint is never written):
+    ``abort`` raises ``NonFiniteStateError`` naming the tensors and the last good checkpoint (exit 1);
+    ``rollback`` reloads the last good checkpoint, multiplies both learning rates by ``rollback_lr_factor``
+    and trains on, at most ``max_rollbacks`` times."""
+    rollback_lr_factor: float = 0.5
+    """``on_divergence: rollback``: what multiplies the learning rates at each rollback, in (0, 1]."""
+    max_rollbacks: int = 3
+    """``on_divergence: rollback``: give up (abort) after this many rollbacks in one run."""
 
     def __post_init__(self) -> None:
         if (self.total_steps is None) == (self.epochs is None):
@@ -356,6 +505,9 @@ class TrainConfig:
             _check_positive("train.epochs", self.epochs)
         for name in ("checkpoint_every", "keep_checkpoints", "eval_every"):
             _check_non_negative(f"train.{name}", getattr(self, name))
+        edges = list(self.eval_class_size_edges)
+        if len(edges) != 2 or not 1 <= edges[0] < edges[1]:
+            _fail("train.eval_class_size_edges", "must be two increasing counts >= 1", edges)
         for name in ("eval_batch_size", "log_every", "max_bad_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         if self.max_steps_this_run is not None:
@@ -364,6 +516,13 @@ class TrainConfig:
             _fail("train.output_dir", "must be a folder path", self.output_dir)
         if not self.resume:
             _fail("train.resume", "must be 'auto', 'never' or a checkpoint folder", self.resume)
+        _check_choice("train.on_divergence", self.on_divergence, ("abort", "rollback"))
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            _fail("train.rollback_lr_factor", "must be in (0, 1]", self.rollback_lr_factor)
+        _check_non_negative("train.max_rollbacks", self.max_rollbacks)
+        if self.on_divergence == "rollback" and self.max_rollbacks == 0:
+            raise ConfigError("train.max_rollbacks must be > 0 when train.on_divergence is 'rollback', got 0 "
+                              "(or set train.on_divergence: abort)")
 
 
 @dataclass(kw_only=True)
@@ -449,6 +608,7 @@ class Config:
     """Where each rank computes: ``cpu``, or ``cuda`` (the rank's local GPU)."""
 
     def __post_init__(self) -> None:
+        _check_finite_tree("", self.to_dict())  # also for sections built directly, not through from_dict
         _check_choice("device", self.device, ("cpu", "cuda"))
         if self.deepspeed.precision == "fp16" and self.device == "cpu":
             raise ConfigError(
@@ -487,6 +647,7 @@ class Config:
         for required in ("data", "train"):
             if required not in data:
                 raise ConfigError(f"{required} section is required, got none")
+        _check_finite_tree("", data)  # before the sections, whose range checks would let +inf pass
         kwargs: dict[str, Any] = {}
         for name, section_cls in _SECTIONS.items():
             if name in data:

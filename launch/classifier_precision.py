@@ -40,16 +40,16 @@ def _build_with(rounding: str):
 
 
 def _run(cfg_dict: dict, weight_dtype: str, rounding: str, out: Path, seed: int) -> dict:
-    import distrib_face.train.loop as loop
     from distrib_face.config import Config
     from distrib_face.parallel import init_distributed
+    from distrib_face.train import components, run_training
 
     cfg_dict = json.loads(json.dumps(cfg_dict))
     cfg_dict["loss"]["weight_dtype"] = weight_dtype
     cfg_dict["train"]["output_dir"] = str(out)
     cfg_dict["train"]["seed"] = seed
-    loop.build_classifier = _build_with(rounding)
-    summary = loop.run_training(Config.from_dict(cfg_dict), init_distributed(device="cpu"))
+    components.build_classifier = _build_with(rounding)
+    summary = run_training(Config.from_dict(cfg_dict), init_distributed(device="cpu"))
     trainer = json.loads((Path(summary["checkpoint"]) / "trainer.json").read_text())
     return {"summary": summary, "loss_history": trainer["loss_history"]}
 

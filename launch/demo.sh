@@ -2,7 +2,7 @@
 # The demo, end to end on this machine (docs/demo.md):
 #   1. set up .venv (first time: ~2 min);
 #   2. generate a synthetic long-tailed identity set + held-out verification pairs (demo_out/data);
-#   3. start a private local Ray head on 127.0.0.1 (its own temp dir, ports and auth token);
+#   3. start a private local Ray head that listens on 127.0.0.1 only (its own temp dir, ports and auth token);
 #   4. `ray job submit` the training job: 2 CPU workers, DeepSpeed on gloo, the class-sharded classifier,
 #      DALI CPU decoding, verification on the held-out identities during training, MLflow on sqlite;
 #   5. stop that Ray head (only it: never `ray stop`) and print a summary.
@@ -30,54 +30,32 @@ fi
 rm -rf "$RUN" "$SUMMARY"  # a fresh run each time (a kept run folder would be resumed, already finished)
 
 # ---------------------------------------------------------------- 2. a private Ray head
+# launch/local_ray.py starts `ray start --head --block` in its own session (one process group: stop_head ends
+# exactly what it started), with its own temp dir, token file and free ports, listening on 127.0.0.1 only
+# (docs/ray.md, "What listens where"), and prints the RAY_HEAD_* / RAY_AUTH_* variables for the CLI.
 # Unix socket paths under the temp dir must stay below 107 bytes: fall back to /tmp for deep checkouts.
 RAY_TMP="$OUT/ray" RAY_TMP_IS_OURS=0
 if [ "${#RAY_TMP}" -gt 40 ]; then RAY_TMP="$(mktemp -d /tmp/dfdemo_XXXXXX)" RAY_TMP_IS_OURS=1; fi
-mkdir -p "$RAY_TMP"
-export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RAY_TMP/auth_token"
-( umask 077 && python -c "import secrets; print(secrets.token_hex(32))" > "$RAY_AUTH_TOKEN_PATH" )
-unset RAY_ADDRESS
-read -r GCS_PORT DASH_PORT CLIENT_PORT AGENT_PORT METRICS_PORT < <(python - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(5)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-ADDRESS="http://127.0.0.1:$DASH_PORT"
-HEAD_PID=""
+RAY_HEAD_PGID=""
 
 stop_head() {
-  # Only this demo's head: it runs in its own session, so its process group holds exactly what it started.
-  if [ -n "$HEAD_PID" ] && kill -0 -- "-$HEAD_PID" 2>/dev/null; then
-    echo "[demo] stopping the Ray head (process group $HEAD_PID)"
-    kill -TERM -- "-$HEAD_PID" 2>/dev/null || true
-    for _ in $(seq 10); do kill -0 -- "-$HEAD_PID" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL -- "-$HEAD_PID" 2>/dev/null || true
+  if [ -n "$RAY_HEAD_PGID" ]; then
+    echo "[demo] stopping the Ray head (process group $RAY_HEAD_PGID)"
+    python launch/local_ray.py stop "$RAY_HEAD_PGID" || true
   fi
-  HEAD_PID=""
+  RAY_HEAD_PGID=""
   if [ "$RAY_TMP_IS_OURS" = 1 ]; then rm -rf "$RAY_TMP"; fi
 }
 trap stop_head EXIT
 trap 'exit 130' INT TERM
 
-echo "[demo] starting a Ray head on 127.0.0.1 (dashboard $ADDRESS, temp dir $RAY_TMP)"
+echo "[demo] starting a Ray head on 127.0.0.1 (temp dir $RAY_TMP, log $OUT/ray_head.log)"
 # The head runs under .venv's python (PATH), so the job's driver and the workers do too.
-python -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' \
-  ray start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" --dashboard-host=127.0.0.1 \
-  --dashboard-port="$DASH_PORT" \
-  --include-dashboard=true --num-cpus=2 --object-store-memory=1000000000 --temp-dir="$RAY_TMP" \
-  --disable-usage-stats --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
-  --metrics-export-port="$METRICS_PORT" > "$OUT/ray_head.log" 2>&1 &
-HEAD_PID=$!
-disown "$HEAD_PID"  # stop_head reaps it; no "Killed" job report from bash
-for i in $(seq 120); do
-  if ray job list --address "$ADDRESS" > /dev/null 2>&1; then break; fi
-  if ! kill -0 "$HEAD_PID" 2>/dev/null; then echo "[demo] the Ray head exited; see $OUT/ray_head.log" >&2; exit 1; fi
-  if [ "$i" -eq 120 ]; then echo "[demo] the Ray head did not come up in 120 s; see $OUT/ray_head.log" >&2; exit 1; fi
-  sleep 1
-done
+HEAD_VARS="$(python launch/local_ray.py start --temp-dir "$RAY_TMP" --num-cpus 2 --log "$OUT/ray_head.log")" || {
+  echo "[demo] the Ray head did not come up; see $OUT/ray_head.log" >&2; exit 1; }
+eval "$HEAD_VARS"
+ADDRESS="$RAY_HEAD_ADDRESS"
+echo "[demo] Ray head up: job API $ADDRESS"
 
 # ---------------------------------------------------------------- 3. the training job
 SETS=(--set "data.shards=$DATA" --set "train.output_dir=$RUN" --set "train.eval_pairsets=[$DATA/holdout_pairs.npz]"

@@ -8,14 +8,16 @@ relative paths in the config (output folder, data, MLflow database) would land i
 ``--base-dir "$PWD"`` (expanded by your shell) resolves them against the folder you submitted from. A bad
 config fails here, before any worker starts, with the field and the value in the message (exit code 2).
 
-Exit codes: 0 the job finished; 1 training failed (after ``ray.max_failures`` restarts); 2 bad config
-or missing input files.
+Config loading, the checks before any worker starts (``distrib_face.cli.train.preflight``), the one-line
+error reports and the exit codes are those of ``distrib-face train`` (``distrib_face.cli.errors``): 0 the job
+finished; 1 training failed (after ``ray.max_failures`` restarts); 2 bad config or input (config, input
+files, output or storage folder, MLflow store, an unreachable Ray cluster, or a worker that failed on one
+of those).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -52,7 +54,9 @@ def _inside_ray_working_dir() -> bool:
 
 
 def load_and_check(args: argparse.Namespace):
-    """The validated config with absolute paths; raises ``ConfigError`` naming the field and the value."""
+    """The validated config with absolute paths, checked by ``preflight`` (inputs, output and storage
+    folders, MLflow store); raises what ``preflight`` raises, or ``ConfigError`` naming the field and value."""
+    from distrib_face.cli.train import preflight
     from distrib_face.config import ConfigError, load_config
     from distrib_face.train.ray_backend import resolve_paths
 
@@ -74,46 +78,71 @@ def load_and_check(args: argparse.Namespace):
                 f"({os.getcwd()}): pass --base-dir \"$PWD\" (or an absolute --set {name}=...)"
             )
     cfg = resolve_paths(cfg, args.base_dir)
-    if cfg.data.source == "shards" and "://" not in cfg.data.shards and not Path(cfg.data.shards).exists():
-        raise ConfigError(f"data.shards does not exist, got {cfg.data.shards!r}")
-    for i, pairs in enumerate(cfg.train.eval_pairsets):
-        if "://" not in pairs and not Path(pairs).is_file():
-            raise ConfigError(f"train.eval_pairsets[{i}] does not exist, got {pairs!r}")
+    preflight(cfg, ray_storage=True)
     return cfg
 
 
 def connect(address: str | None) -> None:
-    """``ray.init`` on the given cluster, the submitting cluster (``RAY_ADDRESS``), or a new local one."""
+    """``ray.init`` on the given cluster, the submitting cluster (``RAY_ADDRESS``), or a new local one.
+
+    Raises:
+        distrib_face.cli.errors.UserError: the cluster cannot be reached (exit code 2).
+    """
     import ray
 
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS"):  # set by `ray job submit` for the job's driver
-        ray.init(address="auto")
-    else:
-        logger.info("no Ray cluster given: starting a local one")
-        ray.init()
+    from distrib_face.cli.errors import UserError
+
+    try:
+        if address:
+            ray.init(address=address)
+        elif os.environ.get("RAY_ADDRESS"):  # set by `ray job submit` for the job's driver
+            ray.init(address="auto")
+        else:
+            logger.info("no Ray cluster given: starting a local one")
+            ray.init()
+    except ConnectionError as err:
+        raise UserError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from err
 
 
 def summarize(result, cfg) -> dict:
-    """The job's outcome as a flat JSON-able dict (rank 0's summary plus where things are)."""
+    """The job's outcome as a flat JSON-able dict (rank 0's summary plus where things are), secrets masked."""
+    from distrib_face.redact import redact_text
+
     summary = dict(result.return_value or {})
     summary["ray_result_path"] = result.path
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    summary["tracking_uri"] = cfg.tracking.tracking_uri
+    summary["tracking_uri"] = redact_text(cfg.tracking.tracking_uri)
     summary["mlflow_artifact_location"] = cfg.tracking.artifact_location
     summary["mlflow_experiment"] = cfg.tracking.experiment
     return summary
 
 
+def _number(value, digits: int = 4) -> str:
+    """A float rounded for reading (``0.7457``), ``-`` when missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _accuracies(values) -> str:
+    """``{set: accuracy}`` as ``set 97.50%`` items."""
+    if not values:
+        return "-"
+    return ", ".join(f"{name} {100 * acc:.2f}%" if isinstance(acc, float) else f"{name} -"
+                     for name, acc in values.items())
+
+
 def print_summary(summary: dict) -> None:
-    """A short table on stdout."""
+    """A short table on stdout: numbers rounded (loss 4 decimals, img/s 1, accuracies in % with 2)."""
     rows = [
-        ("steps", f"{summary.get('steps')} / {summary.get('total_steps')}"),
-        ("images/s", f"{summary.get('images_per_sec', float('nan')):.1f}"),
-        ("final loss", summary.get("final_loss")),
-        ("verification before", summary.get("verification_before")),
-        ("verification after", summary.get("verification_after")),
+        ("steps", f"{summary.get('steps')} / {summary.get('total_steps')}"
+         + ("" if summary.get("finished", True) else " (stopped early: train.max_steps_this_run)")),
+        ("images/s", _number(summary.get("images_per_sec"), 1)),
+        ("final loss", _number(summary.get("final_loss"))),
+        ("verification before", _accuracies(summary.get("verification_before"))),
+        ("verification after", _accuracies(summary.get("verification_after"))),
         ("workers", ", ".join(f"rank {w['rank']}@{w['hostname']}:{w['node_id'][:8]}" for w in summary.get("workers", []))),
         ("resumed from", summary.get("ray_resumed_from")),
         ("Ray result", summary.get("ray_result_path")),
@@ -128,34 +157,28 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Validate, connect, train, summarise; returns the exit code."""
+    """Validate, check, connect, train, summarise; returns the exit code (one line on stderr on failure)."""
     args = parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from distrib_face.config import ConfigError
+    from distrib_face.atomic import write_json
+    from distrib_face.cli import configure_logging
+    from distrib_face.cli.errors import ray_failure, report
 
+    configure_logging(args.log_level)
     try:
         cfg = load_and_check(args)
-    except ConfigError as err:
-        print(f"ray_job.py: config error: {err}", file=sys.stderr)
-        return 2
+        from distrib_face.train.ray_backend import launch_ray_training
 
-    import ray.train
-
-    from distrib_face.train.ray_backend import launch_ray_training
-
-    connect(args.address or cfg.ray.address)
-    try:
-        result = launch_ray_training(cfg)
-    except ray.train.TrainingFailedError as err:
-        print(f"ray_job.py: training failed: {err}", file=sys.stderr)
-        return 1
-    summary = summarize(result, cfg)
-    print_summary(summary)
-    if args.summary_json:
-        path = Path(args.base_dir or ".") / args.summary_json
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1, default=str))
+        connect(args.address or cfg.ray.address)
+        try:
+            result = launch_ray_training(cfg)
+        except Exception as err:
+            raise ray_failure(err, cfg.ray.max_failures) from err
+        summary = summarize(result, cfg)
+        print_summary(summary)
+        if args.summary_json:
+            write_json(Path(args.base_dir or ".") / args.summary_json, summary, default=str)
+    except Exception as err:
+        return report("ray_job.py", err)
     return 0
 
 

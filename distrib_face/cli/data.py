@@ -1,17 +1,24 @@
-"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``bench data``.
+"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``data verify``, ``bench data``.
 
 Exit codes of ``pack``: 0 everything packed; 3 packed, but images were skipped or identities were empty
 (listed in ``pack_report.json``); 2 nothing usable written (refused output, strict stop, bad input).
+
+Exit codes of ``data verify``: 0 no problem; 3 problems found (the table lists them by shard and reason);
+2 the shard set cannot be checked (no manifest, an invalid one: the message names the field).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+
+from distrib_face.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
 EXIT_SKIPPED = 3
+EXIT_PROBLEMS = 3
 EXIT_FAILED = 2
 
 
@@ -32,6 +39,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--no-verify", action="store_true", help="pass JPEGs through without a test decode")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="skip images whose header claims more pixels (decompression bombs) before decoding")
     p.set_defaults(func=_pack)
 
     s = sub.add_parser("synth", help="write a synthetic long-tailed face-like identity set as shards")
@@ -42,9 +51,13 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     s.add_argument("--zipf-a", type=float, default=1.5, help="Zipf exponent of images per identity")
     s.add_argument("--holdout", type=int, default=50, help="held-out identities (in holdout_pairs.npz only)")
     s.add_argument("--pairs", type=int, default=600, help="held-out verification pairs")
+    s.add_argument("--seen-pairs", type=int, default=0,
+                   help="pairs of training identities (new renders, with training counts) in seen_pairs.npz")
     s.add_argument("--image-size", type=int, default=112)
     s.add_argument("--samples-per-shard", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes rendering shards (default: CPU count); the output does not depend on it")
     s.set_defaults(func=_synth)
 
     st = groups["data"].add_parser("stats", help="images-per-identity histogram of a shard set (text + PNG)")
@@ -52,6 +65,15 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     st.add_argument("--png", default=None, help="figure path (default: images_per_identity.png beside the "
                     "manifest, or in the current folder for a URL)")
     st.set_defaults(func=_stats)
+
+    v = groups["data"].add_parser("verify", help="read every sample once and list problems by shard and reason")
+    v.add_argument("shards", help="shard folder, manifest.json, or their URL")
+    v.add_argument("--workers", type=int, default=2, help="processes, one shard at a time each (default 2)")
+    v.add_argument("--sha256", action="store_true", help="also check each shard's SHA-256 against the manifest")
+    v.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="pixel limit of image headers (data.max_image_pixels)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=_verify)
 
     b = groups["bench"].add_parser("data", help="loader img/s: DALI CPU 1 / 2 threads, DALI mixed on a GPU, PIL")
     b.add_argument("--shards", default=None, help="shard folder (default: synthetic shards in a temp folder)")
@@ -72,10 +94,11 @@ def _pack(args: argparse.Namespace) -> int:
         result = pack(args.source, args.out, kind=args.kind, prefix=args.prefix, max_count=args.max_count,
                       max_mb=args.max_mb, quality=args.quality, image_size=args.image_size, workers=args.workers,
                       if_exists=args.if_exists, strict=args.strict, verify=not args.no_verify,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
     except PackError as err:
-        log.error("%s", err)
-        return EXIT_FAILED
+        from distrib_face.cli import CommandError
+
+        raise CommandError(str(err)) from err
     m = result.manifest
     print(f"packed {m.num_samples} images of {m.num_classes} identities into {len(m.shards)} shards in {args.out}")
     if result.num_skipped or result.empty_identities:
@@ -85,13 +108,27 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from distrib_face.data.verify import verify_shards
+
+    try:
+        result = verify_shards(args.shards, workers=args.workers, sha256=args.sha256,
+                               max_image_pixels=args.max_image_pixels, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return EXIT_FAILED
+    print(result.table())
+    return 0 if result.ok else EXIT_PROBLEMS
+
+
 def _synth(args: argparse.Namespace) -> int:
     from distrib_face.data.synthetic import write_synthetic
 
     m = write_synthetic(args.out, num_identities=args.identities, min_images=args.min_images,
                         max_images=args.max_images, zipf_a=args.zipf_a, holdout_identities=args.holdout,
                         image_size=args.image_size, seed=args.seed, num_pairs=args.pairs,
-                        samples_per_shard=args.samples_per_shard)
+                        samples_per_shard=args.samples_per_shard, seen_pairs=args.seen_pairs,
+                        workers=args.workers or os.cpu_count() or 1)
     print(f"wrote {m.num_samples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
     return 0
 
@@ -99,21 +136,24 @@ def _synth(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from distrib_face.cli import CommandError
     from distrib_face.data.manifest import is_remote, read_manifest
-    from distrib_face.data.stats import format_histogram, plot_images_per_identity
+    from distrib_face.data.stats import format_histogram, plot_class_sizes
 
+    given = Path(args.shards)
+    if not is_remote(args.shards) and given.is_file() and given.suffix != ".json":
+        raise CommandError(f"{given}: a {given.suffix or 'plain'} file, not a shard folder or its manifest.json")
     try:
         m = read_manifest(args.shards)
     except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return EXIT_FAILED
+        raise CommandError(str(err)) from err
     print(format_histogram(m.class_counts))
     png = args.png
     if png is None:
         location = m.location or args.shards
         png = "images_per_identity.png" if is_remote(location) else str(Path(location).parent /
                                                                           "images_per_identity.png")
-    print(f"figure: {plot_images_per_identity(m.class_counts, png, title=str(args.shards))}")
+    print(f"figure: {plot_class_sizes(m.class_counts, png, title=str(args.shards))}")
     return 0
 
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,13 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--nfolds", type=int, default=10, help="folds of the accuracy protocol when a set has none")
     p.add_argument("--roc", default=None, metavar="PNG", help="write all ROC curves into this PNG (log-scale FAR)")
+    p.add_argument(
+        "--class-counts",
+        default=None,
+        metavar="PATH",
+        help="training images per identity (JSON {name: count}, or the training shard folder / manifest.json): "
+        "splits each pair set with per-image identities into head / torso / tail / unseen buckets",
+    )
     p.add_argument(
         "--json",
         nargs="?",
@@ -115,29 +121,37 @@ def format_table(results: list[Any]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from distrib_face.eval.embed import evaluate_pairset, load_model
+    from distrib_face.eval.buckets import evaluate_pairset_by_class_size, format_class_size_table, load_class_counts
+    from distrib_face.eval.embed import load_model
     from distrib_face.eval.ijb import embed_ijb, evaluate_templates, read_ijb_protocol
     from distrib_face.eval.plots import plot_roc
     from distrib_face.eval.readers import load_any_pairs
 
+    from distrib_face.cli import CommandError, one_line
+
     if not args.pairs and not args.ijb:
-        print("distrib-face eval: give at least one --pairs or --ijb", file=sys.stderr)
-        return 2
+        raise CommandError("eval: give at least one --pairs or --ijb")
     try:
         model = load_model(args.model, device=args.device, num_threads=args.threads)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--model: {one_line(err)}") from err
+    try:
         pairsets = [load_any_pairs(p, images_dir=args.images) for p in args.pairs]
         protocol = read_ijb_protocol(args.ijb, args.ijb_target) if args.ijb else None
+        class_counts, edges = load_class_counts(args.class_counts) if args.class_counts else (None, None)
+        if class_counts is not None and not any(p.identities is not None for p in pairsets):
+            raise ValueError(f"--class-counts {args.class_counts}: no --pairs set has per-image identity names")
     except (OSError, ValueError) as err:
-        print(f"distrib-face eval: {err}", file=sys.stderr)
-        return 2
-    results = []
+        raise CommandError(f"--pairs: {one_line(err)}" if args.pairs else one_line(err)) from err
+    results, by_size = [], []
     for pairset in pairsets:
         logger.info("evaluating %s: %d pairs", pairset.name, pairset.num_pairs)
-        results.append(
-            evaluate_pairset(
-                model, pairset, batch_size=args.batch_size, flip=not args.no_flip, nfolds=args.nfolds
-            )
+        result, sizes = evaluate_pairset_by_class_size(
+            model, pairset, class_counts if pairset.identities is not None else None, edges=edges or (10, 100),
+            batch_size=args.batch_size, flip=not args.no_flip, nfolds=args.nfolds,
         )
+        results.append(result)
+        by_size.append(sizes)
     if protocol is not None:
         features = embed_ijb(model, protocol, batch_size=args.batch_size, flip=not args.no_flip)
         results.append(evaluate_templates(features, protocol))
@@ -150,10 +164,16 @@ def _eval(args: argparse.Namespace) -> int:
     if args.roc:
         plot_roc({r.name: r for r in results}, args.roc, title=f"ROC: {args.model}")
     payload = {"model": str(args.model), "flip": not args.no_flip, "results": [r.to_dict() for r in results]}
+    for entry, sizes in zip(payload["results"], by_size):
+        if sizes is not None:
+            entry["class_size"] = sizes.to_dict()
     if args.json == "-":
         print(json.dumps(payload, indent=2))
     else:
         print(format_table(results))
+        for sizes in by_size:
+            if sizes is not None:
+                print(format_class_size_table(sizes))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(payload, f, indent=2)
@@ -166,6 +186,8 @@ def _pack_pairs(args: argparse.Namespace) -> int:
     from distrib_face.data.pairset import save_pairset
     from distrib_face.eval.readers import read_bin, read_lfw_pairs
 
+    from distrib_face.cli import CommandError, one_line
+
     try:
         if args.bin:
             pairs = read_bin(args.bin, name=args.name)
@@ -173,8 +195,7 @@ def _pack_pairs(args: argparse.Namespace) -> int:
             images = Path(args.images) if args.images else Path(args.pairs).parent
             pairs = read_lfw_pairs(args.pairs, images, name=args.name)
     except (OSError, ValueError) as err:
-        print(f"distrib-face pack-pairs: {err}", file=sys.stderr)
-        return 2
+        raise CommandError(one_line(err)) from err
     path = save_pairset(args.output, pairs)
     folds = "none" if pairs.folds is None else str(len(set(pairs.folds.tolist())))
     print(
@@ -191,9 +212,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     from distrib_face.eval.metrics import roc_curve, tar_at_far, verification_metrics_from_scores
 
+    from distrib_face.cli import CommandError
+
     if not 0 < args.num_genuine < args.num_pairs:
-        print(f"distrib-face bench eval: need 0 < --num-genuine < --num-pairs, got {args.num_genuine}", file=sys.stderr)
-        return 2
+        raise CommandError(f"bench eval: need 0 < --num-genuine < --num-pairs, got {args.num_genuine}")
     rng = np.random.default_rng(0)
     issame = np.zeros(args.num_pairs, dtype=bool)
     issame[rng.choice(args.num_pairs, args.num_genuine, replace=False)] = True

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
             "output 'embedding' N x 512) or TorchScript, then compare the export with PyTorch."
         ),
     )
-    parser.add_argument("--checkpoint", required=True, help="backbone file, or checkpoint directory with backbone.pt")
+    parser.add_argument("--checkpoint", required=True,
+                        help="backbone file, checkpoint directory with backbone.pt, or a folder whose 'latest' names one")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     parser.add_argument("--output", required=True, help="output file (.onnx or .pt)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
@@ -33,7 +34,13 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from distrib_face.export.exporter import DEFAULT_OPSET, export_onnx, export_torchscript, load_for_export
+    from distrib_face.export.exporter import (
+        DEFAULT_OPSET,
+        export_onnx,
+        export_torchscript,
+        insightface_routes,
+        load_for_export,
+    )
     from distrib_face.export.parity import (
         check_parity,
         check_torchscript_parity,
@@ -41,14 +48,9 @@ def _run_export(args: argparse.Namespace) -> int:
         random_face_like_images,
     )
 
-    from distrib_face.export.exporter import ExportSourceError
-    from distrib_face.models.io import BackboneFileError
+    from distrib_face.cli import report_error
 
-    try:
-        model, info = load_for_export(args.checkpoint)
-    except (ExportSourceError, BackboneFileError) as exc:
-        print(f"error: {exc}")
-        return 2
+    model, info = load_for_export(args.checkpoint)  # a missing / wrong --checkpoint: one line, exit 2
     size = info["input_size"]
     if args.format == "onnx":
         opset = args.opset or DEFAULT_OPSET
@@ -68,8 +70,11 @@ def _run_export(args: argparse.Namespace) -> int:
     diff = check(model, out, images)
     print(f"backbone   {info['name']} {info['kwargs']} (from {info['source']})")
     print(f"exported   {args.format} -> {out}  (input {size}x{size}, dynamic batch)")
+    if args.format == "onnx" and not insightface_routes(size):
+        print(f"note       insightface's model zoo will not load a {size}x{size} model as a recognition model "
+              "(it routes square inputs >= 112 px, divisible by 16, other than 192)")
     print(f"parity     max |{args.format} - torch| = {diff:.3g} on {what} (tolerance {args.tolerance:g})")
     if diff > args.tolerance:
-        print("FAILED: the export differs from PyTorch by more than the tolerance")
+        report_error(f"parity check failed: max |{args.format} - torch| = {diff:.3g} > --tolerance {args.tolerance:g}")
         return 1
     return 0

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
 
 
 def _plot_margins(args: argparse.Namespace) -> int:
-    from distrib_face.losses.toy import plot_margin_curves
+    from distrib_face.losses.plots import plot_margin_curves
 
     print(plot_margin_curves(args.output))
     return 0
@@ -47,14 +47,16 @@ def _toy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distrib_face.losses.margins import list_margins
-    from distrib_face.losses.toy import angular_gap_degrees, plot_toy, train_toy
+    from distrib_face.train.toy import angular_gap_degrees, plot_toy, train_toy
 
     import torch
 
     names = list_margins() if "all" in args.loss else args.loss
+    from distrib_face.cli import CommandError
+
     unknown = [n for n in names if n not in list_margins()]
     if unknown:
-        raise SystemExit(f"unknown --loss {unknown[0]!r}; known: {', '.join(list_margins())}")
+        raise CommandError(f"unknown --loss {unknown[0]!r}; known: {', '.join(list_margins())}")
     # The toy's matrices are tiny: one thread avoids oversubscribing shared cores (10x faster under load).
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -76,8 +78,12 @@ def _clean_subcenters(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from distrib_face.cli import CommandError
     from distrib_face.losses.subcenter import clean_subcenters
 
+    for flag, value in (("--checkpoint", args.checkpoint), ("--weights", args.weights), ("--embeddings", args.embeddings)):
+        if value is not None and not Path(value).exists():
+            raise CommandError(f"{flag} {value}: no such file or folder")
     if args.checkpoint:
         from distrib_face.parallel.checkpoint import load_full_matrix
 
@@ -87,7 +93,7 @@ def _clean_subcenters(args: argparse.Namespace) -> int:
     with np.load(args.embeddings, allow_pickle=False) as data:
         missing = {"embeddings", "labels"} - set(data.files)
         if missing:
-            raise SystemExit(f"{args.embeddings}: missing arrays {sorted(missing)} (has {data.files})")
+            raise CommandError(f"{args.embeddings}: missing arrays {sorted(missing)} (has {data.files})")
         embeddings, labels = torch.from_numpy(data["embeddings"]), torch.from_numpy(data["labels"]).long()
         keys = data["keys"].astype(str) if "keys" in data.files else None
     result = clean_subcenters(weight, embeddings, labels, args.threshold)

@@ -19,8 +19,13 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
 def _bench_backbones(args: argparse.Namespace) -> int:
     import torch
 
+    from distrib_face.cli import CommandError
     from distrib_face.models.profile import profile_table
     from distrib_face.models.registry import list_backbones
+
+    unknown = [name for name in args.names if name not in list_backbones()]
+    if unknown:
+        raise CommandError(f"unknown backbone {unknown[0]!r}; registered: {', '.join(list_backbones())}")
 
     if args.threads:
         torch.set_num_threads(args.threads)

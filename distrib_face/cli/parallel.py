@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--chunk-size", type=int, default=65536, help="classes per logit chunk")
     p.add_argument("--margin", default="arcface", help="margin name")
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
+                   help="classifier kernel (auto: triton on CUDA when it imports)")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     p.add_argument("--floor", action="store_true",
                    help="also time the four matmuls of each step on the rows it uses (the floor of the fast path)")
@@ -47,7 +49,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.set_defaults(func=_bench_classifier)
 
     r = sub.add_parser("reshard", help="rewrite classifier shard files for another number of ranks")
-    r.add_argument("src", help="folder with classifier-RRRRR-of-WWWWW.pt files")
+    r.add_argument("src", help="folder with classifier-RRRRR-of-WWWWW.pt files, or a checkpoint folder (step_N/)")
     r.add_argument("dst", help="empty output folder")
     r.add_argument("--world-size", type=int, required=True, help="new number of ranks (1: one merged matrix)")
     r.set_defaults(func=_reshard)
@@ -73,8 +75,8 @@ def _bench_classifier(args: argparse.Namespace) -> int:
     spec = BenchSpec(
         classes=cases[0][0], batch=args.batch, embedding=args.embedding, sample_rate=cases[0][1],
         dtype=args.dtype, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
-        chunk_size=args.chunk_size, margin=args.margin, device=args.device, floor=args.floor, profile=args.profile,
-        weight_dtype=args.weight_dtype, offload=args.offload, optimizer=args.optimizer,
+        chunk_size=args.chunk_size, margin=args.margin, device=args.device, kernel=args.kernel, floor=args.floor,
+        profile=args.profile, weight_dtype=args.weight_dtype, offload=args.offload, optimizer=args.optimizer,
         threads=args.threads, clock=args.clock,
     )
     if args.plan:
@@ -119,8 +121,25 @@ def _plan(args: argparse.Namespace, spec: object, cases: list[tuple[int, float]]
 
 
 def _reshard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrib_face.cli import CommandError, one_line
     from distrib_face.parallel.checkpoint import reshard
 
-    written = reshard(args.src, args.dst, args.world_size)
+    src = Path(args.src)
+    if not src.is_dir():
+        raise CommandError(f"{src}: not a folder of classifier shard files" + ("" if src.exists() else " (it does not exist)"))
+    if not any(src.glob("classifier-*-of-*.pt")):
+        if (src / "classifier").is_dir() and any((src / "classifier").glob("classifier-*-of-*.pt")):
+            src = src / "classifier"  # a training checkpoint (step_N/): its shards are in classifier/
+        else:
+            raise CommandError(f"{src}: no classifier shard files (classifier-RRRRR-of-WWWWW.pt) here or in "
+                               f"{src / 'classifier'}; give a checkpoint folder (step_N) or its classifier/ folder")
+    if args.world_size < 1:
+        raise CommandError(f"--world-size must be >= 1, got {args.world_size}")
+    try:
+        written = reshard(src, args.dst, args.world_size)
+    except (OSError, ValueError) as err:  # missing / damaged / refused shard files: the message names the file
+        raise CommandError(one_line(err)) from err
     print(f"wrote {len(written)} shard file(s) to {args.dst}")
     return 0

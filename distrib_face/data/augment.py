@@ -3,11 +3,18 @@
 Both decode to RGB, resize to the output size when the image differs from it, then apply in order: random
 resized crop, colour jitter (brightness / contrast / saturation), random grey, Gaussian blur, horizontal
 flip. Normalisation to [-1, 1] as ``(x - 127.5) / 127.5`` and the HWC -> CHW transpose come last.
+
+The definitions are DALI's, and the PIL side computes the same thing: the random resized crop is
+torchvision's (area uniform in the range, log-uniform aspect ratio, 10 tries, else the whole image; DALI's
+``fn.random_resized_crop`` draws the same way); colour jitter is DALI's ``fn.color_twist``
+(:func:`color_twist`); grey is saturation 0; the blur is Gaussian with sigma uniform in ``blur_sigma``; the
+flip of each sample is :func:`flip_bit` of its stream position in both paths. ``tests/integration/
+test_data_augment.py`` compares the two paths' distributions (crop area, brightness, fraction blurred /
+flipped / grey) for each augmentation alone and all together.
 """
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -101,31 +108,77 @@ def _crop_box(width: int, height: int, area_range: tuple[float, float], ratio: t
     return 0, 0, width, height
 
 
-def decode_pil(data: bytes, size: tuple[int, int] | None, augment: AugmentConfig,
-               rng: random.Random) -> np.ndarray:
-    """Decode ``data`` with PIL to RGB uint8 [H, W, 3], resized to ``size`` = (H, W) if given, and augment it.
+def flip_bit(seed: int, epoch: int, origin: tuple[int, ...]) -> int:
+    """Whether to mirror the sample at ``origin`` (pass, worker, position) in ``epoch``: a fair coin that is a
+    pure function of its arguments (splitmix64), so resuming mid-epoch repeats the same flips, and the DALI
+    and the PIL paths mirror the same samples."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    for part in origin:
+        x = (x ^ (int(part) + 0x94D049BB133111EB)) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return int(x >> 63)
 
-    Raises:
-        OSError, ValueError: the bytes are not a decodable image (PIL's own errors, passed on).
+
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601: PIL's convert("L") and DALI's saturation axis
+
+
+def color_twist(rgb: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """DALI's ``fn.color_twist`` on a uint8 [H, W, 3] array: ``b * (128 + c * (S(x) - 128))``, where ``S`` blends
+    each pixel with its luma by ``saturation`` (0: grey) and contrast pivots on mid-grey 128 (DALI's
+    centre, not the image mean that ``PIL.ImageEnhance.Contrast`` uses); rounded and clipped once."""
+    x = rgb.astype(np.float64)
+    if saturation != 1.0:
+        luma = (x @ _LUMA)[..., None]
+        x = luma + saturation * (x - luma)
+    x = brightness * (128.0 + contrast * (x - 128.0))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def augment_pil(image: Any, size: tuple[int, int] | None, augment: AugmentConfig, rng: random.Random,
+                flip: bool | None = None) -> np.ndarray:
+    """Resize / augment a decoded 8-bit RGB ``PIL.Image`` like the DALI pipeline does; uint8 [H, W, 3].
+
+    Args:
+        image: the decoded image.
+        size: output (H, W); ``None`` keeps the image's size (then no crop either).
+        augment: which augmentations run.
+        rng: draws the crop, colour, grey and blur parameters.
+        flip: mirror or not (the loader passes :func:`flip_bit` of the sample); ``None`` draws it from ``rng``
+            when ``augment.flip``.
     """
-    from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+    from PIL import Image, ImageFilter
 
-    with Image.open(io.BytesIO(data)) as opened:
-        image = opened.convert("RGB")
     if augment.random_resized_crop is not None and size is not None:
         box = _crop_box(image.width, image.height, augment.random_resized_crop, augment.crop_ratio, rng)
         image = image.resize((size[1], size[0]), Image.BILINEAR, box=box)
     elif size is not None and (image.height, image.width) != tuple(size):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
-    if augment.color_jitter > 0:
+    if augment.color_jitter > 0 or augment.grey_prob > 0:
         j = augment.color_jitter
-        image = ImageEnhance.Brightness(image).enhance(rng.uniform(1 - j, 1 + j))
-        image = ImageEnhance.Contrast(image).enhance(rng.uniform(1 - j, 1 + j))
-        image = ImageEnhance.Color(image).enhance(rng.uniform(1 - j, 1 + j))
-    if augment.grey_prob > 0 and rng.random() < augment.grey_prob:
-        image = image.convert("L").convert("RGB")
+        brightness = rng.uniform(1 - j, 1 + j) if j > 0 else 1.0
+        contrast = rng.uniform(1 - j, 1 + j) if j > 0 else 1.0
+        saturation = rng.uniform(1 - j, 1 + j) if j > 0 else 1.0
+        if augment.grey_prob > 0 and rng.random() < augment.grey_prob:
+            saturation = 0.0  # grey, kept as 3 channels: DALI multiplies its saturation by 0 the same way
+        image = Image.fromarray(color_twist(np.asarray(image), brightness, contrast, saturation))
     if augment.blur_prob > 0 and rng.random() < augment.blur_prob:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*augment.blur_sigma)))
-    if augment.flip and rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    return np.asarray(image, dtype=np.uint8)
+    if flip is None:
+        flip = augment.flip and rng.random() < 0.5
+    array = np.asarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(array[:, ::-1]) if flip and augment.flip else array
+
+
+def decode_pil(data: bytes, size: tuple[int, int] | None, augment: AugmentConfig, rng: random.Random,
+               flip: bool | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Decode ``data`` safely (:func:`distrib_face.data.decode.decode_image`) and :func:`augment_pil` it.
+
+    Raises:
+        distrib_face.data.decode.BadSample: the bytes cannot be used (the reason says why).
+    """
+    from distrib_face.data.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+
+    image = decode_image(data, max_pixels=max_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+    return augment_pil(image, size, augment, rng, flip)

@@ -39,6 +39,7 @@ def build_pipeline(source: Iterable[Any], *, batch_size: int, image_size: tuple[
         A built ``nvidia.dali.Pipeline`` whose outputs are images [B, 3, H, W] in [-1, 1] and labels [B].
     """
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     gpu = device.type == "cuda"
     device_id = (device.index or 0) if gpu else None
@@ -57,28 +58,38 @@ def build_pipeline(source: Iterable[Any], *, batch_size: int, image_size: tuple[
                                                dtype=[types.UINT8, types.INT64])
             mirror = 0
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        # From here every op runs where its input lives (CPU, or the GPU after "mixed"). The random
+        # parameters are CPU argument inputs, which CPU and GPU operators take alike; no arithmetic touches
+        # the images, so the graph is the same on both devices.
         if augment.random_resized_crop is not None:
             images = fn.random_resized_crop(images, size=[height, width],
                                             random_area=list(augment.random_resized_crop),
-                                            random_aspect_ratio=list(augment.crop_ratio))
+                                            random_aspect_ratio=list(augment.crop_ratio), num_attempts=10)
         elif resize:
             images = fn.resize(images, resize_x=width, resize_y=height)
         if augment.color_jitter > 0 or augment.grey_prob > 0:
             j = augment.color_jitter
-            saturation = fn.random.uniform(range=[1 - j, 1 + j]) if j > 0 else 1.0
-            if augment.grey_prob > 0:
-                # saturation 0 is grey; one colour op does both jitter and grey
-                saturation = saturation * (1 - fn.random.coin_flip(probability=augment.grey_prob,
-                                                                     dtype=types.FLOAT))
+            twist: dict[str, Any] = {}
+            saturation: Any = 1.0
             if j > 0:
-                images = fn.color_twist(images, brightness=fn.random.uniform(range=[1 - j, 1 + j]),
-                                        contrast=fn.random.uniform(range=[1 - j, 1 + j]), saturation=saturation)
-            else:
-                images = fn.color_twist(images, saturation=saturation)
+                twist["brightness"] = fn.random.uniform(range=[1 - j, 1 + j])
+                twist["contrast"] = fn.random.uniform(range=[1 - j, 1 + j])
+                saturation = fn.random.uniform(range=[1 - j, 1 + j])
+            if augment.grey_prob > 0:
+                # saturation 0 is grey. coin_flip makes only bool / uint8 / int32 (dtype=FLOAT was the
+                # "Critical error in pipeline" that sent every batch to the PIL fallback)
+                keep = 1 - fn.random.coin_flip(probability=augment.grey_prob, dtype=types.INT32)
+                saturation = saturation * fn.cast(keep, dtype=types.FLOAT)
+            twist["saturation"] = saturation
+            images = fn.color_twist(images, **twist)
         if augment.blur_prob > 0:
-            blurred = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(augment.blur_sigma)))
-            chosen = fn.random.coin_flip(probability=augment.blur_prob, dtype=types.FLOAT)
-            images = fn.cast(blurred * chosen + images * (1 - chosen), dtype=types.UINT8)
+            # A blur for a fraction of the samples without blending two images: the chosen ones get a
+            # Gaussian window of 2 * ceil(3 sigma) + 1 taps, the others a window of one tap (the identity).
+            sigma = fn.random.uniform(range=list(augment.blur_sigma))
+            chosen = fn.random.coin_flip(probability=augment.blur_prob, dtype=types.INT32)
+            radius = fn.cast(dmath.ceil(sigma * 3.0), dtype=types.INT32)
+            window = 1 + 2 * chosen * radius
+            images = fn.gaussian_blur(images, sigma=sigma, window_size=window)
         images = fn.crop_mirror_normalize(images, mean=[127.5] * 3, std=[127.5] * 3, output_layout="CHW",
                                           dtype=types.FLOAT16 if half else types.FLOAT, mirror=mirror)
         return images, labels

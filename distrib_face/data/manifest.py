@@ -69,8 +69,23 @@ class Manifest:
 
     def __post_init__(self) -> None:
         where = self.location or "manifest"
+        if self.num_classes < 1:
+            raise ValueError(f"{where}: num_classes must be >= 1, got {self.num_classes}")
+        if self.num_samples < 0:
+            raise ValueError(f"{where}: num_samples must be >= 0, got {self.num_samples}")
         if len(self.shards) != len(self.shard_counts):
             raise ValueError(f"{where}: {len(self.shards)} shards but {len(self.shard_counts)} shard counts")
+        bad = next((i for i, c in enumerate(self.shard_counts) if c < 0), None)
+        if bad is not None:
+            raise ValueError(f"{where}: shards[{bad}].count must be >= 0, got {self.shard_counts[bad]} "
+                             f"({_basename(self.shards[bad])})")
+        bad = next((i for i, c in enumerate(self.class_counts) if c < 0), None)
+        if bad is not None:
+            raise ValueError(f"{where}: class_counts[{bad}] must be >= 0, got {self.class_counts[bad]}")
+        names = [_basename(p) for p in self.shards]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{where}: shards lists {dup!r} twice")
         if sum(self.shard_counts) != self.num_samples:
             raise ValueError(
                 f"{where}: num_samples={self.num_samples} but the shard counts sum to {sum(self.shard_counts)}"
@@ -83,7 +98,18 @@ class Manifest:
             raise ValueError(
                 f"{where}: num_samples={self.num_samples} but the class counts sum to {sum(self.class_counts)}"
             )
+        bad_label = next((k for k, v in self.label_map.items() if not 0 <= v < self.num_classes), None)
+        if bad_label is not None:
+            raise ValueError(f"{where}: label_map[{bad_label!r}]={self.label_map[bad_label]} is outside "
+                             f"[0, num_classes={self.num_classes})")
+        for name, values in (("sha256", self.shard_hashes), ("bytes", self.shard_bytes)):
+            if values and len(values) != len(self.shards):
+                raise ValueError(f"{where}: {len(values)} shard {name} values for {len(self.shards)} shards")
+        if any(b < 0 for b in self.shard_bytes):
+            raise ValueError(f"{where}: a shard's bytes is negative")
         if self.image_size is not None:
+            if len(self.image_size) != 2 or not all(int(v) >= 1 for v in self.image_size):
+                raise ValueError(f"{where}: image_size must be [H, W] with H, W >= 1, got {list(self.image_size)}")
             self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -175,27 +201,50 @@ def read_manifest(dir_or_file: str | os.PathLike) -> Manifest:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{location}: not JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{location}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format") != FORMAT:
         raise ValueError(f"{location}: format {raw.get('format')!r} is not {FORMAT!r}")
     base = location.rsplit("/", 1)[0] if "/" in location else "."
-    try:
-        shards = raw["shards"]
-        return Manifest(
-            num_classes=int(raw["num_classes"]),
-            num_samples=int(raw["num_samples"]),
-            shards=[f"{base}/{entry['name']}" for entry in shards],
-            shard_counts=[int(entry["count"]) for entry in shards],
-            class_counts=[int(c) for c in raw["class_counts"]],
-            label_map={str(k): int(v) for k, v in raw.get("label_map", {}).items()},
-            source=raw.get("source", {}),
-            content_hash=str(raw.get("content_hash", "")),
-            image_size=tuple(raw["image_size"]) if raw.get("image_size") else None,
-            location=location,
-            shard_hashes=[entry["sha256"] for entry in shards] if all("sha256" in e for e in shards) else [],
-            shard_bytes=[int(entry["bytes"]) for entry in shards] if all("bytes" in e for e in shards) else [],
-        )
-    except KeyError as err:
-        raise ValueError(f"{location}: missing field {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{location}: expected a JSON object, got {type(raw).__name__}")
+    for key in ("num_classes", "num_samples", "shards", "class_counts"):
+        if key not in raw:
+            raise ValueError(f"{location}: missing field '{key}'")
+    shards = raw["shards"]
+    if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
+        raise ValueError(f"{location}: shards must be a list of {{name, count}} objects")
+    if not isinstance(raw["class_counts"], list):
+        raise ValueError(f"{location}: class_counts must be a list")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry.get("name"), str) or not entry["name"] or "/" in entry["name"]:
+            raise ValueError(f"{location}: shards[{i}].name must be a file name beside the manifest, "
+                             f"got {entry.get('name')!r}")
+    image_size = raw.get("image_size")
+    if image_size is not None and (not isinstance(image_size, list) or len(image_size) != 2):
+        raise ValueError(f"{location}: image_size must be [H, W] or null, got {image_size!r}")
+    return Manifest(
+        num_classes=_integer(raw["num_classes"], "num_classes", location),
+        num_samples=_integer(raw["num_samples"], "num_samples", location),
+        shards=[f"{base}/{entry['name']}" for entry in shards],
+        shard_counts=[_integer(e.get("count"), f"shards[{i}].count", location) for i, e in enumerate(shards)],
+        class_counts=[_integer(c, f"class_counts[{i}]", location) for i, c in enumerate(raw["class_counts"])],
+        label_map={str(k): _integer(v, f"label_map[{k!r}]", location) for k, v in raw.get("label_map", {}).items()},
+        source=raw.get("source", {}),
+        content_hash=str(raw.get("content_hash", "")),
+        image_size=None if not image_size else tuple(_integer(v, "image_size", location) for v in image_size),
+        location=location,
+        shard_hashes=[str(entry["sha256"]) for entry in shards] if all("sha256" in e for e in shards) else [],
+        shard_bytes=[_integer(e["bytes"], f"shards[{i}].bytes", location) for i, e in enumerate(shards)]
+        if all("bytes" in e for e in shards) else [],
+    )
+
+
+def _integer(value: Any, field_name: str, location: str) -> int:
+    """``value`` as an int, or a ValueError naming the field (no floats, strings or booleans)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{location}: {field_name} must be an integer, got {value!r}")
+    return value
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:

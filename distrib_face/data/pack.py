@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +25,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distrib_face.atomic import write_json
+from distrib_face.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_image, inspect_image, resize_rgb
 from distrib_face.data.manifest import MANIFEST_NAME, Manifest, content_hash, write_manifest
+from distrib_face.data.procs import OrderedPool
 from distrib_face.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -170,32 +171,35 @@ def _read_bytes(item: Item) -> bytes:
     return unpack_record(read_record(handle, item.offset)).payload
 
 
-def _prepare(job: tuple[int, Item, int, int | None, bool]) -> tuple[int, bytes | None, str, tuple[int, int]]:
-    """Load one item and return ``(index, jpeg bytes or None, error, (H, W))``."""
-    from PIL import Image
+def _prepare(job: tuple[int, Item, int, int | None, bool, int]) -> tuple[int, bytes | None, str, str, tuple[int, int]]:
+    """Load one item: ``(index, jpeg bytes or None, error, skip reason, (H, W))``.
 
-    index, item, quality, image_size, verify = job
+    The header is checked first (:func:`distrib_face.data.decode.inspect_image`: pixel limit, truncation), so
+    no decoder allocates for a decompression bomb; the reasons are those of the training loader.
+    """
+    index, item, quality, image_size, verify, max_pixels = job
     try:
         data = _read_bytes(item)
-        is_jpeg = data[:3] == b"\xff\xd8\xff"
-        with Image.open(io.BytesIO(data)) as image:
-            if is_jpeg and image_size is None and not verify:
-                return index, data, "", (image.height, image.width)
-            image.load()
-            size = (image.height, image.width)
-            if is_jpeg and image_size is None and image.mode in ("RGB", "L"):
-                return index, data, "", size
-            converted = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
+    except (OSError, ValueError) as err:
+        return index, None, f"{type(err).__name__}: {err}", "not_an_image", (0, 0)
+    try:
+        header = inspect_image(data, max_pixels)
+        size = (header.height, header.width)
+        if header.format == "JPEG" and header.mode in ("RGB", "L") and header.bits == 8 and image_size is None:
+            if verify:
+                decode_image(data, header, max_pixels)  # proves the whole file decodes
+            return index, data, "", "", size
+        image = decode_image(data, header, max_pixels)
+        if header.mode in ("L", "LA", "I", "I;16", "F", "1"):
+            image = image.convert("L")  # grey stays grey (16-bit scaled to 8, not clipped)
         if image_size is not None:
-            converted = converted.resize((image_size, image_size), Image.BILINEAR)
+            image = resize_rgb(image, (image_size, image_size))
             size = (image_size, image_size)
-        if converted.mode == "I":
-            converted = converted.convert("L")
         buffer = io.BytesIO()
-        converted.save(buffer, format="JPEG", quality=quality)
-        return index, buffer.getvalue(), "", size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return index, None, f"{type(err).__name__}: {err}", (0, 0)
+        image.save(buffer, format="JPEG", quality=quality)
+        return index, buffer.getvalue(), "", "", size
+    except BadSample as bad:
+        return index, None, str(bad), bad.reason, (0, 0)
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -246,6 +250,8 @@ def pack(
     strict: bool = False,
     verify: bool = True,
     progress: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    stall_timeout: float = 300.0,
 ) -> PackResult:
     """Pack ``source`` into ``out_dir/PREFIX-%06d.tar`` shards with a ``manifest.json`` and ``pack_report.json``.
 
@@ -263,6 +269,9 @@ def pack(
         strict: stop at the first unreadable image instead of skipping it.
         verify: fully decode JPEGs that are passed through, to catch corrupt ones.
         progress: show a progress bar.
+        max_image_pixels: images whose header claims more pixels are skipped as ``too_large`` before decoding.
+        stall_timeout: seconds a worker process may go without finishing a chunk of 16 images before it
+            counts as stuck (:class:`~distrib_face.data.procs.WorkerError`, naming it).
 
     Returns:
         A :class:`PackResult` (the manifest, the skipped images and the empty identities).
@@ -270,6 +279,7 @@ def pack(
     Raises:
         PackError: the output exists and ``if_exists="refuse"``, a resume does not match, or ``strict`` hit a
             bad image.
+        WorkerError: a worker process died or got stuck (never mistaken for a bad image).
     """
     if if_exists not in IF_EXISTS:
         raise PackError(f"if_exists must be one of {IF_EXISTS}, got {if_exists!r}")
@@ -279,47 +289,29 @@ def pack(
     scanned = scan_source(source, kind)
     labels = {name: i for i, name in enumerate(scanned.identities)}
     options = {"kind": scanned.kind, "prefix": prefix, "max_count": max_count, "max_mb": max_mb,
-               "quality": quality, "image_size": image_size, "verify": verify}
+               "quality": quality, "image_size": image_size, "verify": verify, "max_image_pixels": max_image_pixels}
     listing = _listing_hash(scanned, options)
 
-    out.mkdir(parents=True, exist_ok=True)
-    existing = _existing_outputs(out, prefix)
-    state: dict[str, Any] = {"listing": listing, "items_done": 0, "shards": [], "class_counts": [0] * len(labels),
-                             "skipped": [], "sizes": []}
-    if existing:
-        if if_exists == "refuse":
-            raise PackError(f"{out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
-                            "pass --if-exists resume or overwrite")
-        finished = _finished_pack(out, listing)
-        if if_exists == "resume" and finished is not None:
-            log.info("%s: already packed from the same input with the same options; nothing to do", out)
-            return finished
-        if if_exists == "overwrite":
-            for path in existing:
-                path.unlink()
-        else:
-            state = _load_resume_state(out, listing)
-            for path in _existing_outputs(out, prefix):
-                if path.suffix == ".tmp" or (path.suffix == ".tar" and path.name not in
-                                             {s["name"] for s in state["shards"]}):
-                    path.unlink()  # a shard that was being written when the previous run stopped
-            log.info("resuming %s after %d of %d images (%d shards done)", out, state["items_done"],
-                     len(scanned.items), len(state["shards"]))
+    state, finished = _open_output(out, prefix, if_exists, listing, len(labels), len(scanned.items))
+    if finished is not None:
+        return finished
 
     writer = ShardWriter(out, prefix=prefix, max_count=max_count, max_bytes=int(max_mb * 1024 * 1024),
                          start_index=len(state["shards"]))
     class_counts = list(state["class_counts"])
     skipped = list(state["skipped"])
     sizes = {tuple(s) for s in state["sizes"]}
-    jobs = ((i, scanned.items[i], quality, image_size, verify) for i in range(state["items_done"], len(scanned.items)))
-    for index, data, error, size in _run_jobs(jobs, workers, len(scanned.items) - state["items_done"], progress):
+    jobs = ((i, scanned.items[i], quality, image_size, verify, max_image_pixels)
+            for i in range(state["items_done"], len(scanned.items)))
+    remaining = len(scanned.items) - state["items_done"]
+    for index, data, error, reason, size in _run_jobs(jobs, workers, remaining, progress, stall_timeout):
         item = scanned.items[index]
         if data is None:
             where = item.ref if item.offset < 0 else f"{item.ref}@{item.offset}"
             if strict:
                 raise PackError(f"{where}: unreadable image ({error}); stopped because strict=True")
             log.warning("skipping %s: %s", where, error)
-            skipped.append({"item": where, "identity": item.identity, "error": error})
+            skipped.append({"item": where, "identity": item.identity, "error": error, "reason": reason})
             continue
         label = labels[item.identity]
         sizes.add(size)
@@ -336,7 +328,43 @@ def pack(
         state["shards"].append({"name": last.path.name, "count": last.count, "bytes": last.bytes,
                                 "sha256": last.sha256})
 
-    shards = state["shards"]
+    return _write_results(out, scanned, labels, options, listing, state["shards"], class_counts, skipped, sizes)
+
+
+def _open_output(out: Path, prefix: str, if_exists: str, listing: str, num_classes: int,
+                 num_items: int) -> tuple[dict[str, Any], PackResult | None]:
+    """Prepare ``out`` for packing: the state to start from (fresh, or a resumed run's), or the result of an
+    identical finished pack (then nothing is left to do)."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _existing_outputs(out, prefix)
+    state: dict[str, Any] = {"listing": listing, "items_done": 0, "shards": [], "class_counts": [0] * num_classes,
+                             "skipped": [], "sizes": []}
+    if not existing:
+        return state, None
+    if if_exists == "refuse":
+        raise PackError(f"{out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
+                        "pass --if-exists resume or overwrite")
+    finished = _finished_pack(out, listing)
+    if if_exists == "resume" and finished is not None:
+        log.info("%s: already packed from the same input with the same options; nothing to do", out)
+        return state, finished
+    if if_exists == "overwrite":
+        for path in existing:
+            path.unlink()
+        return state, None
+    state = _load_resume_state(out, listing)
+    for path in _existing_outputs(out, prefix):
+        if path.suffix == ".tmp" or (path.suffix == ".tar" and path.name not in {s["name"] for s in state["shards"]}):
+            path.unlink()  # a shard that was being written when the previous run stopped
+    log.info("resuming %s after %d of %d images (%d shards done)", out, state["items_done"], num_items,
+             len(state["shards"]))
+    return state, None
+
+
+def _write_results(out: Path, scanned: Source, labels: dict[str, int], options: dict[str, Any], listing: str,
+                   shards: list[dict[str, Any]], class_counts: list[int], skipped: list[dict[str, Any]],
+                   sizes: set[tuple[int, int]]) -> PackResult:
+    """The manifest and ``pack_report.json`` of a finished pack (the progress file goes)."""
     emptied = [name for name, label in labels.items() if class_counts[label] == 0]
     manifest = Manifest(
         num_classes=len(labels), num_samples=sum(s["count"] for s in shards),
@@ -351,7 +379,8 @@ def pack(
     empty = scanned.empty_identities + emptied
     report = {"source": scanned.path, "kind": scanned.kind, "num_images_in": len(scanned.items),
               "num_samples": manifest.num_samples, "num_classes": manifest.num_classes,
-              "num_skipped": len(skipped), "skipped": skipped, "empty_identities": scanned.empty_identities,
+              "num_skipped": len(skipped), "skipped_by_reason": _by_reason(skipped), "skipped": skipped,
+              "empty_identities": scanned.empty_identities,
               "identities_emptied_by_skips": emptied}
     _write_json(out / REPORT_NAME, report)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
@@ -387,8 +416,16 @@ def _load_resume_state(out: Path, listing: str) -> dict[str, Any]:
     return state
 
 
-def _run_jobs(jobs: Iterator[tuple[int, Item, int, int | None, bool]], workers: int | None, total: int,
-              progress: bool) -> Iterator[tuple[int, bytes | None, str, tuple[int, int]]]:
+def _by_reason(skipped: list[dict[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in skipped:
+        reason = entry.get("reason", "undecodable")
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _run_jobs(jobs: Iterator[tuple[int, Item, int, int | None, bool, int]], workers: int | None, total: int,
+              progress: bool, stall_timeout: float) -> Iterator[tuple[int, bytes | None, str, str, tuple[int, int]]]:
     from tqdm import tqdm
 
     if workers is None:
@@ -400,10 +437,10 @@ def _run_jobs(jobs: Iterator[tuple[int, Item, int, int | None, bool]], workers: 
                 yield _prepare(job)
                 bar.update()
             return
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ctx.Pool(workers) as pool:
-            for result in pool.imap(_prepare, jobs, chunksize=16):
-                yield result
-                bar.update()
+        # forkserver workers (data.procs), not a fork of this process: it already runs tqdm's monitor
+        # thread (and, in a trainer or a test run, many more), and a forked child can inherit a held lock
+        for result in OrderedPool(_prepare, workers, name="pack worker", stall_timeout=stall_timeout).imap(jobs):
+            yield result
+            bar.update()
     finally:
         bar.close()

@@ -7,7 +7,11 @@ One ``.npz`` file, readable without pickle (``np.load(..., allow_pickle=False)``
   images ``2k`` and ``2k + 1`` form pair ``k``;
 - ``issame``: bool [num_pairs], whether pair ``k`` shows one identity;
 - ``name``: a 0-d unicode array, the set's name (e.g. ``lfw``, ``synthetic_holdout``);
-- ``folds`` (optional): int64 [num_pairs], the fold of each pair for a fixed k-fold protocol.
+- ``folds`` (optional): int64 [num_pairs], the fold of each pair for a fixed k-fold protocol;
+- ``identities`` (optional): unicode [2 * num_pairs], the identity name of each image ("" when unknown);
+- ``image_counts`` (optional): int64 [2 * num_pairs], how many training images each image's identity has
+  (``0``: not a training identity, ``-1``: unknown). Both feed the accuracy-by-class-size split
+  (:mod:`distrib_face.eval.buckets`); files without them read as before.
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ from distrib_face.atomic import atomic_path
 
 @dataclass
 class PairSet:
-    """Verification pairs: ``images[2k]`` and ``images[2k + 1]`` are pair ``k``, ``issame[k]`` its truth."""
+    """Verification pairs: ``images[2k]`` and ``images[2k + 1]`` are pair ``k``, ``issame[k]`` its truth.
+
+    ``identities`` / ``image_counts`` (optional, per image): identity names and training-image counts of the
+    images' identities (see the module docstring).
+    """
 
     name: str
     images: list[bytes]
     issame: np.ndarray
     folds: np.ndarray | None = None
+    identities: list[str] | None = None
+    image_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.issame = np.asarray(self.issame, dtype=bool)
@@ -42,6 +52,18 @@ class PairSet:
             self.folds = np.asarray(self.folds, dtype=np.int64)
             if self.folds.shape != self.issame.shape:
                 raise ValueError(f"pair set {self.name!r}: folds shape {self.folds.shape} != {self.issame.shape}")
+        if self.identities is not None:
+            self.identities = [str(v) for v in self.identities]
+            if len(self.identities) != len(self.images):
+                raise ValueError(
+                    f"pair set {self.name!r}: {len(self.identities)} identities for {len(self.images)} images"
+                )
+        if self.image_counts is not None:
+            self.image_counts = np.asarray(self.image_counts, dtype=np.int64).reshape(-1)
+            if self.image_counts.shape[0] != len(self.images):
+                raise ValueError(
+                    f"pair set {self.name!r}: {self.image_counts.shape[0]} image counts for {len(self.images)} images"
+                )
 
     @property
     def num_pairs(self) -> int:
@@ -59,6 +81,10 @@ def save_pairset(path: str | os.PathLike, pairs: PairSet) -> Path:
     arrays = {"data": data, "offsets": offsets, "issame": pairs.issame, "name": np.array(pairs.name)}
     if pairs.folds is not None:
         arrays["folds"] = pairs.folds
+    if pairs.identities is not None:
+        arrays["identities"] = np.array(pairs.identities, dtype=str)
+    if pairs.image_counts is not None:
+        arrays["image_counts"] = pairs.image_counts
     with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
     return path
@@ -75,7 +101,10 @@ def load_pairset(path: str | os.PathLike) -> PairSet:
             data, offsets = z["data"], z["offsets"]
             images = [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
             folds = z["folds"] if "folds" in z.files else None
-            return PairSet(name=str(z["name"]), images=images, issame=z["issame"], folds=folds)
+            identities = [str(v) for v in z["identities"]] if "identities" in z.files else None
+            image_counts = z["image_counts"] if "image_counts" in z.files else None
+            return PairSet(name=str(z["name"]), images=images, issame=z["issame"], folds=folds,
+                           identities=identities, image_counts=image_counts)
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and str(path) in str(err):
             raise

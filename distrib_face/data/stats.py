@@ -1,11 +1,16 @@
-"""Images-per-identity statistics of a shard set: a text histogram and a log-log figure."""
+"""Images-per-identity statistics of a shard set: a text histogram, log-spaced bins and the class-size figure.
+
+:func:`plot_class_sizes` is the one class-size figure of the project: ``distrib-face data stats`` writes it
+and the trainer logs it (through ``distrib_face.tracking.plot_class_histogram``).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -54,32 +59,96 @@ def format_histogram(class_counts: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_images_per_identity(class_counts: Sequence[int], path: str | os.PathLike, title: str = "") -> Path:
-    """Write a log-log figure: number of identities having k images (left) and the rank-size curve (right)."""
-    import matplotlib
+def class_size_histogram(
+    class_counts: Iterable[int] | Mapping[object, int], num_bins: int = 30
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of images per identity on logarithmic bins.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        class_counts: images of each identity (a sequence, or a mapping label -> count).
+        num_bins: at most this many log-spaced bins between 1 and the largest count (integer edges,
+            duplicates merged, so small ranges get one bin per count).
 
-    counts = np.asarray(class_counts, dtype=np.int64)
-    positive = counts[counts > 0]
-    values, frequency = np.unique(positive, return_counts=True)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.loglog(values, frequency, "o", markersize=3)
-    left.set_xlabel("images per identity")
-    left.set_ylabel("identities")
-    left.set_title("images-per-identity histogram")
-    right.loglog(np.arange(1, positive.size + 1), np.sort(positive)[::-1])
-    right.set_xlabel("identity rank")
-    right.set_ylabel("images")
-    right.set_title("rank-size (long tail)")
-    for axis in (left, right):
-        axis.grid(True, which="both", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    Returns:
+        ``(edges, num_identities)``: integer bin edges (length B+1; bin i holds counts in
+        ``[edges[i], edges[i+1])``, the last bin closed) and how many identities fall in each bin.
+        Identities with 0 images are not counted.
+    """
+    counts = _as_counts(class_counts)
+    counts = counts[counts > 0]
+    top = int(counts.max()) if counts.size else 1
+    edges = np.unique(np.floor(np.geomspace(1, top + 1, num_bins + 1)).astype(np.int64))
+    if edges[-1] < top + 1:
+        edges = np.append(edges, top + 1)
+    hist, _ = np.histogram(counts, bins=edges)
+    return edges, hist
+
+
+def _as_counts(class_counts: Iterable[int] | Mapping[object, int]) -> np.ndarray:
+    values = list(class_counts.values()) if isinstance(class_counts, Mapping) else list(class_counts)
+    counts = np.asarray(values).astype(np.int64)
+    if counts.size == 0:
+        raise ValueError("class_counts is empty")
+    if np.any(counts < 0):
+        raise ValueError(f"class_counts has negative entries, e.g. {counts[counts < 0][:3].tolist()}")
+    return counts
+
+
+def plot_class_sizes(
+    class_counts: Iterable[int] | Mapping[object, int], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Write :func:`class_sizes_figure` as a PNG at ``path`` (folders are created); returns ``path``."""
+    from distrib_face.figures import save_png
+
+    return save_png(class_sizes_figure(class_counts, title), path)
+
+
+def class_sizes_figure(class_counts: Iterable[int] | Mapping[object, int], title: str = "") -> Any:
+    """The class-size figure (the one the trainer logs and ``distrib-face data stats`` writes).
+
+    Left: how many identities have how many images, on log-spaced bins (:func:`class_size_histogram`)
+    and log-log axes, so a long tail shows as a straight slope. Right: images per identity against the
+    identity's rank (largest first), log-log. Tick labels stay readable on short ranges
+    (:func:`distrib_face.figures.readable_log_axis`).
+
+    Args:
+        class_counts: images of each identity (``Manifest.class_counts``), a sequence or a mapping.
+        title: a line above both panels (e.g. the shard folder).
+
+    Returns:
+        A matplotlib ``Figure`` (10 x 4 inches) on an Agg canvas.
+    """
+    from distrib_face.figures import new_figure, readable_log_axis
+
+    counts = _as_counts(class_counts)
+    positive = np.sort(counts[counts > 0])[::-1]
+    if positive.size == 0:
+        raise ValueError("nothing to plot: every identity has 0 images")
+    edges, hist = class_size_histogram(counts)
+    figure = new_figure(10, 4)
+    left, right = figure.subplots(1, 2)
+    nonzero = hist > 0
+    left.bar(edges[:-1][nonzero], hist[nonzero], width=np.diff(edges)[nonzero], align="edge",
+             edgecolor="black", linewidth=0.5)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    used = np.nonzero(hist)[0]
+    left.set_xlim(edges[used[0]] / 1.1, edges[used[-1] + 1] * 1.1)
+    left.set_ylim(0.7, hist.max() * 1.6)
+    left.set(xlabel="images per identity (log bins)", ylabel="identities", title="class-size histogram")
+    ranks = np.arange(1, positive.size + 1)
+    right.plot(ranks, positive, linewidth=1.4)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlim(0.8, positive.size * 1.25)
+    right.set_ylim(positive.min() / 1.25, positive.max() * 1.25)
+    right.set(xlabel="identity rank (largest first)", ylabel="images", title="rank-size (long tail)")
+    for ax in (left, right):
+        readable_log_axis(ax.xaxis)
+        readable_log_axis(ax.yaxis)
+        ax.grid(True, which="both", alpha=0.3)
+    summary = (f"{counts.size} identities, {int(counts.sum())} images; images per identity: min {int(counts.min())}, "
+               f"median {float(np.median(counts)):g}, max {int(counts.max())}")
+    figure.suptitle(f"{title}\n{summary}" if title else summary, fontsize=10)
+    figure.tight_layout()
+    return figure

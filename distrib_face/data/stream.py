@@ -16,24 +16,40 @@ the first ``positions[worker]`` samples of each worker's stream (without decodin
 exactly the samples not yet consumed. If the corrupt samples or a truncated shard leave a rank short of
 its count, a second *pass* over its shards (another order) fills the epoch.
 
+Bad samples keep their positions: a sample whose image or label cannot be used (see
+:mod:`distrib_face.data.decode` for the reasons), and a marker for the samples a cut-short or missing shard
+did not deliver, take a position like any sample and travel to the loader as a skip record
+``(position, shard, reason, count)``; the loader counts it when it consumes that position, so a resumed run
+counts every skip exactly once, as the uninterrupted run does.
+
 Rank and world size come from the caller, never from the environment, so DataLoader-style worker
 processes (which see no process group) cannot fall back to "every rank reads everything".
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from distrib_face.data.augment import AugmentConfig, decode_pil
+from distrib_face.data.augment import AugmentConfig, augment_pil, flip_bit
+from distrib_face.data.decode import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    RESIZED,
+    BadSample,
+    decode_image,
+    encode_png,
+    inspect_image,
+    parse_label,
+    repair_flags,
+    resize_rgb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,51 +75,125 @@ def open_url(url: str) -> BinaryIO:
     return fsspec.open(url, "rb").open()
 
 
-@dataclass
-class ReadErrors:
-    """Counts of what reading had to skip."""
+class RawSample(NamedTuple):
+    """One entry of a reader's stream before decoding.
 
-    shards: int = 0
-    samples: int = 0
-
-    def shard_handler(self, exn: Exception) -> bool:
-        """webdataset handler: log, count, and go on with the next shard."""
-        self.shards += 1
-        log.warning("skipping the rest of a shard after a read error: %s", exn)
-        return True
-
-
-def iter_shard(url: str, errors: ReadErrors, expected: int | None = None) -> Iterator[tuple[str, bytes | None, int | None]]:
-    """Yield ``(key, image_bytes, label)`` for each sample of one tar shard, in tar order.
-
-    A sample without an image or with an unreadable label yields ``None`` in that field (the caller counts
-    it as skipped); a truncated or unreadable shard logs a warning, counts in ``errors.shards`` and ends.
-    Python's streaming tar reader ends quietly at a truncation, so a shard that yields fewer samples than
-    ``expected`` (its manifest count) is counted as cut short too.
+    A good sample has ``reason=None``; a sample already known to be unusable carries its skip reason
+    (``missing_image``, ``missing_label``, ``bad_label``, ``label_out_of_range``). A *marker* (``key=""``)
+    stands for ``lost`` samples that a cut-short (``truncated_shard``) or unopenable (``missing_shard``) shard
+    did not deliver: it takes one stream position, so it is counted exactly once, like a bad sample.
     """
-    from webdataset import tariterators
 
+    key: str
+    image: bytes | None
+    label: int | None
+    shard: int
+    reason: str | None = None
+    lost: int = 0
+
+
+class ShardError(OSError):
+    """A shard named by the manifest cannot be opened (and ``allow_missing_shards`` is off); exit code 2."""
+
+    exit_code = 2
+
+
+class TarCut(EOFError):
+    """A tar stream broke off; ``key`` is the sample whose member was being read (None: unknown)."""
+
+    def __init__(self, message: str, key: str | None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _tar_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, extension, payload)`` of the regular files of a tar stream, in order (webdataset's naming: the
+    key is the path up to the first dot of the file name). Ends with :class:`TarCut` if the tar is cut short."""
+    import tarfile
+
+    key: str | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                key = None
+                if not member.isreg():
+                    continue
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith("__") and base.endswith("__"):
+                    continue  # webdataset meta files
+                dot = base.find(".")
+                if dot <= 0:
+                    key, ext = name, ""
+                else:
+                    key, ext = name[:len(name) - len(base) + dot], base[dot + 1:].lower()
+                handle = tar.extractfile(member)
+                payload = handle.read() if handle is not None else b""
+                if len(payload) != member.size:
+                    raise EOFError(f"member {name} cut at {len(payload)} of {member.size} bytes")
+                yield key, ext, payload
+                key = None
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise TarCut(f"{url}: tar read stopped: {err}", key) from err
+
+
+def iter_shard(url: str, shard: int, expected: int | None = None, num_classes: int | None = None,
+               allow_missing: bool = False) -> Iterator[RawSample]:
+    """The :class:`RawSample` s of one tar shard, in tar order, each checked for an image and a valid label.
+
+    A shard cut short (a read error, or fewer samples than ``expected``, its manifest count: Python's
+    streaming tar reader can also end quietly at a truncation) ends with a ``truncated_shard`` marker for
+    the samples it did not deliver.
+
+    Raises:
+        ShardError: the shard cannot be opened and ``allow_missing`` is off (the message names it). With
+            ``allow_missing`` a ``missing_shard`` marker for its ``expected`` samples is yielded instead.
+    """
     try:
         stream = open_url(url)
     except OSError as err:
-        errors.shard_handler(OSError(f"{url}: {err}"))
+        if not allow_missing:
+            raise ShardError(f"{url}: cannot open this shard of the manifest ({err}); set "
+                             "data.allow_missing_shards: true to train without it") from err
+        log.warning("%s: cannot open shard (%s); going on without it (allow_missing_shards)", url, err)
+        if expected:
+            yield RawSample("", None, None, shard, "missing_shard", expected)
         return
+    count = 0
+    group: dict[str, bytes] = {}
+    key = None
+
+    def finish(key: str, group: dict[str, bytes]) -> RawSample:
+        image = next((group[k] for k in IMAGE_KEYS if k in group), None)
+        try:
+            label: int | None = parse_label(group.get("cls"), num_classes)
+            reason = None if image is not None else "missing_image"
+        except BadSample as bad:
+            label, reason = None, bad.reason
+        return RawSample(key, image, label, shard, reason)
+
     try:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=errors.shard_handler)
-        count = 0
-        for sample in tariterators.group_by_keys(files, handler=errors.shard_handler):
-            image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            label: int | None
-            try:
-                label = int(sample["cls"])
-            except (KeyError, ValueError):
-                label = None
+        try:
+            for member_key, ext, payload in _tar_members(stream, url):
+                if member_key != key:
+                    if key is not None:
+                        count += 1
+                        yield finish(key, group)
+                    key, group = member_key, {}
+                group[ext] = payload
+        except TarCut as err:
+            log.warning("%s", err)
+            if err.key is None or err.key == key:
+                # the sample being read when the tar broke may be incomplete: it counts among the lost ones
+                key = None
+        if key is not None:
             count += 1
-            yield sample["__key__"], image, label
-        if expected is not None and count < expected:
-            errors.shard_handler(EOFError(f"{url}: {count} of {expected} samples (truncated shard?)"))
+            yield finish(key, group)
     finally:
         stream.close()
+    if expected is not None and count < expected:
+        log.warning("%s: %d of %d samples (truncated shard)", url, count, expected)
+        yield RawSample("", None, None, shard, "truncated_shard", expected - count)
 
 
 def _rng(*parts: int) -> random.Random:
@@ -201,10 +291,15 @@ class SlotSpec:
     resampled: bool = False
     weights: list[float] | None = None
     skip: int = 0
-    decode: str = "raw"  # "raw": validated bytes (DALI decodes); "pil": decoded uint8 HWC arrays
-    image_size: tuple[int, int] | None = None
+    decode: str = "raw"  # "raw": checked bytes DALI can decode as they are; "pil": decoded uint8 HWC arrays
+    image_size: tuple[int, int] | None = None  # output (H, W) of the PIL path
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     chunk_size: int = 32
+    num_classes: int | None = None  # labels outside [0, num_classes) are dropped here
+    expected_size: tuple[int, int] | None = None  # the manifest's image size: other sizes are resized to it
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_missing_shards: bool = False
+    flip_seed: int = 0  # seed of flip_bit (the same as the DALI feed's)
 
     @property
     def slot(self) -> int:
@@ -221,34 +316,45 @@ def _count(spec: SlotSpec, index: int) -> int | None:
     return spec.shard_counts[index] if spec.shard_counts else None
 
 
-def _ordered_samples(spec: SlotSpec, errors: ReadErrors) -> Iterator[tuple[str, bytes | None, int | None]]:
+def _read(spec: SlotSpec, index: int) -> Iterator[RawSample]:
+    return iter_shard(spec.shards[index], index, _count(spec, index), spec.num_classes, spec.allow_missing_shards)
+
+
+def _ordered_samples(spec: SlotSpec) -> Iterator[RawSample]:
     """This slot's samples in shard order, before re-weighting and shuffling."""
     if spec.resampled:
         rng = _rng(spec.seed, spec.epoch, spec.pass_index, spec.slot, 0x7E5A)
         while True:  # with replacement, forever; the loader cuts the epoch
-            index = rng.randrange(len(spec.shards))
-            yield from iter_shard(spec.shards[index], errors, _count(spec, index))
+            yield from _read(spec, rng.randrange(len(spec.shards)))
     split = resolve_split(spec.split, len(spec.shards), spec.num_slots)
     order = shard_permutation(len(spec.shards), spec.seed, spec.epoch, spec.pass_index, spec.shuffle)
     if split == "shard":
         for index in order[spec.slot::spec.num_slots]:
-            yield from iter_shard(spec.shards[index], errors, _count(spec, index))
+            yield from _read(spec, index)
         return
     running = 0
     for index in order:
-        for sample in iter_shard(spec.shards[index], errors, _count(spec, index)):
+        for sample in _read(spec, index):
+            if sample.lost:
+                # lost samples would have had running indices running .. running + lost - 1: this slot's share
+                first = (spec.slot - running) % spec.num_slots
+                share = len(range(first, sample.lost, spec.num_slots))
+                running += sample.lost
+                if share:
+                    yield sample._replace(lost=share)
+                continue
             if running % spec.num_slots == spec.slot:
                 yield sample
             running += 1
 
 
-def _reweighted(samples: Iterator[tuple[str, bytes | None, int | None]], weights: Sequence[float] | None,
-                rng: random.Random) -> Iterator[tuple[str, bytes | None, int | None]]:
+def _reweighted(samples: Iterator[RawSample], weights: Sequence[float] | None,
+                rng: random.Random) -> Iterator[RawSample]:
     if weights is None:
         yield from samples
         return
     for sample in samples:
-        label = sample[2]
+        label = sample.label
         factor = weights[label] if label is not None and 0 <= label < len(weights) else 1.0
         copies = int(math.floor(factor))
         copies += rng.random() < factor - copies
@@ -271,34 +377,20 @@ def _shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Ite
     yield from buffer
 
 
-def positioned_samples(spec: SlotSpec, errors: ReadErrors) -> Iterator[tuple[int, str, bytes | None, int | None]]:
-    """``(position, key, image_bytes, label)`` of this slot's stream, from position ``spec.skip`` on."""
-    samples = _ordered_samples(spec, errors)
+def positioned_samples(spec: SlotSpec, on_sample: Callable[[], None] | None = None) -> Iterator[tuple[int, RawSample]]:
+    """``(position, sample)`` of this slot's stream, from position ``spec.skip`` on.
+
+    ``on_sample`` is called for every position, the skipped ones included (a heartbeat for the parent).
+    """
+    samples = _ordered_samples(spec)
     samples = _reweighted(samples, spec.weights, _rng(spec.seed, spec.epoch, spec.pass_index, spec.slot, 0x11))
     if spec.shuffle:
         samples = _shuffled(samples, spec.shuffle_buffer, _rng(spec.seed, spec.epoch, spec.pass_index, spec.slot, 0x22))
-    for position, (key, image, label) in enumerate(samples):
+    for position, sample in enumerate(samples):
+        if on_sample is not None:
+            on_sample()
         if position >= spec.skip:
-            yield position, key, image, label
-
-
-def check_encoded(data: bytes) -> None:
-    """Cheap validity check for bytes DALI will decode: a readable header, and for JPEG both end markers.
-
-    Raises:
-        ValueError: the bytes are not an image, or a JPEG is truncated.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if data[:3] == b"\xff\xd8\xff":
-        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise ValueError("truncated JPEG (no end-of-image marker)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width < 1 or image.height < 1:
-                raise ValueError(f"empty image {image.size}")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"not a readable image: {err}") from err
+            yield position, sample
 
 
 @dataclass
@@ -306,64 +398,99 @@ class Chunk:
     """What a reader slot sends to the loader: a few consecutive samples of its stream.
 
     ``images`` is a list of encoded bytes (``decode="raw"``) or a uint8 [k, H, W, 3] array (``"pil"``);
-    ``skipped`` counts the corrupt samples dropped since the previous chunk (their positions are covered
-    by ``last_position``), ``shard_errors`` the shards cut short.
+    ``shards`` each sample's shard index; ``flags`` its repair bits (:data:`~distrib_face.data.decode.RESIZED`, ``CONVERTED``);
+    ``skips`` are the samples dropped since the previous chunk, as ``(position, shard index, reason,
+    count)`` (count > 1 only for a shard's lost samples), so the loader can count each one exactly when its
+    position is consumed.
     """
 
     worker: int
+    index: int  # covers positions [index * chunk_size, (index + 1) * chunk_size)
     positions: list[int]
     labels: list[int]
     images: Any
     keys: list[str]
-    skipped: int
-    shard_errors: int
+    shards: list[int]
+    flags: list[int]
+    skips: list[tuple[int, int, str, int]]
     last_position: int
 
 
-def chunk_stream(spec: SlotSpec) -> Iterator[Chunk]:
-    """Decode or validate this slot's samples and group them into :class:`Chunk` s of ``spec.chunk_size``."""
-    errors = ReadErrors()
+def prepare_sample(data: bytes, spec: SlotSpec, rng: random.Random, position: int) -> tuple[Any, int]:
+    """Inspect and decode (``"pil"``) or check (``"raw"``) one image: ``(payload, repair flags)``.
+
+    In ``"raw"`` mode an 8-bit RGB JPEG of the expected size goes to DALI as it is; anything else (grey,
+    CMYK, 16-bit, RGBA, PNG, another size) is decoded here and handed over as a lossless RGB PNG of the
+    expected size, so DALI only ever sees uniform, plain images and its batch never mixes shapes.
+
+    Raises:
+        BadSample: the image cannot be used (its reason says why).
+    """
+    header = inspect_image(data, spec.max_image_pixels)
+    flags = repair_flags(header, spec.expected_size)
+    if spec.decode == "pil":
+        flip = bool(flip_bit(spec.flip_seed, spec.epoch, (spec.pass_index, spec.worker, position)))
+        image = decode_image(data, header, spec.max_image_pixels)
+        return augment_pil(image, spec.image_size, spec.augment, rng, flip), flags
+    if header.dali_ready and not flags & RESIZED:
+        return np.frombuffer(data, dtype=np.uint8), flags
+    image = decode_image(data, header, spec.max_image_pixels)
+    if spec.expected_size is not None:
+        image = resize_rgb(image, spec.expected_size)
+    return np.frombuffer(encode_png(image), dtype=np.uint8), flags
+
+
+def chunk_stream(spec: SlotSpec, on_sample: Callable[[], None] | None = None) -> Iterator[Chunk]:
+    """Decode or check this slot's samples and group them into :class:`Chunk` s.
+
+    Chunk ``k`` covers the stream positions ``[k * chunk_size, (k + 1) * chunk_size)`` whatever position the
+    reader started at, so a reader resumed mid-epoch cuts its chunks where the uninterrupted one did and the
+    loader's round-robin merge of the readers repeats exactly.
+    """
     aug_rng = _rng(spec.seed, spec.epoch, spec.pass_index, spec.slot, 0x33)
+    size = max(1, spec.chunk_size)
     positions: list[int] = []
     labels: list[int] = []
     images: list[Any] = []
     keys: list[str] = []
-    skipped = 0
-    reported_shard_errors = 0
+    shards: list[int] = []
+    flags: list[int] = []
+    skips: list[tuple[int, int, str, int]] = []
+    index = spec.skip // size
     last_position = spec.skip - 1
-    for position, key, data, label in positioned_samples(spec, errors):
+    for position, sample in positioned_samples(spec, on_sample):
+        if position // size != index:
+            if positions or skips:
+                yield _make_chunk(spec, index, positions, labels, images, keys, shards, flags, skips, last_position)
+            positions, labels, images, keys, shards, flags, skips = [], [], [], [], [], [], []
+            index = position // size
         last_position = position
-        if data is None or label is None:
-            skipped += 1
-            log.warning("skipping sample %s: missing image or label", key)
+        if sample.reason is not None:
+            skips.append((position, sample.shard, sample.reason, max(1, sample.lost)))
+            if not sample.lost:
+                log.warning("skipping sample %s of %s: %s", sample.key, spec.shards[sample.shard], sample.reason)
             continue
+        assert sample.image is not None and sample.label is not None
         try:
-            if spec.decode == "pil":
-                image: Any = decode_pil(data, spec.image_size, spec.augment, aug_rng)
-            else:
-                check_encoded(data)
-                image = np.frombuffer(data, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as err:
-            skipped += 1
-            log.warning("skipping corrupt sample %s: %s", key, err)
+            image, flag = prepare_sample(sample.image, spec, aug_rng, position)
+        except BadSample as bad:
+            skips.append((position, sample.shard, bad.reason, 1))
+            log.warning("skipping sample %s of %s: %s", sample.key, spec.shards[sample.shard], bad)
             continue
         positions.append(position)
-        labels.append(label)
+        labels.append(sample.label)
         images.append(image)
-        keys.append(key)
-        if len(positions) >= spec.chunk_size:
-            yield _make_chunk(spec, positions, labels, images, keys, skipped,
-                              errors.shards - reported_shard_errors, last_position)
-            reported_shard_errors = errors.shards
-            positions, labels, images, keys, skipped = [], [], [], [], 0
-    if positions or skipped or errors.shards > reported_shard_errors:
-        yield _make_chunk(spec, positions, labels, images, keys, skipped,
-                          errors.shards - reported_shard_errors, last_position)
+        keys.append(sample.key)
+        shards.append(sample.shard)
+        flags.append(flag)
+    if positions or skips:
+        yield _make_chunk(spec, index, positions, labels, images, keys, shards, flags, skips, last_position)
 
 
-def _make_chunk(spec: SlotSpec, positions: list[int], labels: list[int], images: list[Any], keys: list[str],
-                skipped: int, shard_errors: int, last_position: int) -> Chunk:
+def _make_chunk(spec: SlotSpec, index: int, positions: list[int], labels: list[int], images: list[Any],
+                keys: list[str], shards: list[int], flags: list[int], skips: list[tuple[int, int, str, int]],
+                last_position: int) -> Chunk:
     packed: Any = images
     if spec.decode == "pil" and images and all(im.shape == images[0].shape for im in images):
         packed = np.stack(images)
-    return Chunk(spec.worker, positions, labels, packed, keys, skipped, shard_errors, last_position)
+    return Chunk(spec.worker, index, positions, labels, packed, keys, shards, flags, skips, last_position)

@@ -11,7 +11,9 @@ better than chance.
 
 The number of images per identity follows a Zipf law truncated to ``[min_images, max_images]``:
 ``P(k) ~ k^(-zipf_a)``. ``holdout_identities`` further identities (never in the shards) are written as a
-verification pair set ``holdout_pairs.npz`` (see :mod:`distrib_face.data.pairset`).
+verification pair set ``holdout_pairs.npz`` (see :mod:`distrib_face.data.pairset`). With ``seen_pairs > 0``,
+``seen_pairs.npz`` holds pairs of *training* identities drawn from new renders (never in the shards), with
+each image's identity name and training-image count, for verification accuracy by class size.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from distrib_face.data.shards import ShardWriter
 log = logging.getLogger(__name__)
 
 HOLDOUT_PAIRS = "holdout_pairs.npz"
+SEEN_PAIRS = "seen_pairs.npz"
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,42 @@ def _jpeg(array: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def identity_of(seed: int, label: int) -> Identity:
+    """Identity ``label`` of the set made with ``seed``: its own RNG stream, so any process can draw it."""
+    return random_identity(np.random.default_rng([seed, 3, label]))
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """One shard to render: its number, the labels of its samples in order, and where the set goes."""
+
+    out_dir: str
+    index: int
+    first_sample: int
+    labels: np.ndarray
+    seed: int
+    image_size: int
+
+
+def _render_shard(job: _ShardJob) -> tuple[int, str, int, int, str]:
+    """Render and write one shard (in a worker process); ``(index, path, count, bytes, sha256)``.
+
+    Every image draws from the RNG stream of its shard, ``(seed, 1, shard)``, so the shard's bytes depend on
+    the seed and the shard number alone: the same set for any number of workers.
+    """
+    rng = np.random.default_rng([job.seed, 1, job.index])
+    cache: dict[int, Identity] = {}
+    writer = ShardWriter(job.out_dir, prefix="train", max_count=len(job.labels) + 1, start_index=job.index)
+    for offset, label in enumerate(job.labels.tolist()):
+        identity = cache.get(label)
+        if identity is None:
+            identity = cache[label] = identity_of(job.seed, label)
+        array = render(identity, rng, job.image_size)
+        writer.write(f"{job.first_sample + offset:09d}", _jpeg(array, int(rng.integers(75, 96))), label)
+    (shard,) = writer.close()
+    return job.index, str(shard.path), shard.count, shard.bytes, shard.sha256
+
+
 def write_synthetic(
     out_dir: str | os.PathLike,
     num_identities: int = 200,
@@ -172,6 +211,8 @@ def write_synthetic(
     num_pairs: int = 600,
     samples_per_shard: int = 500,
     holdout_images: int = 6,
+    seen_pairs: int = 0,
+    workers: int = 1,
 ) -> Manifest:
     """Write a synthetic long-tailed identity set as shards + ``manifest.json`` + ``holdout_pairs.npz``.
 
@@ -183,10 +224,13 @@ def write_synthetic(
         zipf_a: Zipf exponent of the images-per-identity law.
         holdout_identities: further identities, only in the held-out pair set (0: no pair set).
         image_size: side of the square images.
-        seed: everything is a function of it.
+        seed: everything is a function of it (not of ``workers``).
         num_pairs: held-out pairs, half genuine and half impostor.
         samples_per_shard: samples per tar shard.
         holdout_images: images rendered per held-out identity.
+        seen_pairs: pairs of training identities (new renders) written to ``seen_pairs.npz`` (0: none).
+        workers: processes rendering shards in parallel (started with ``forkserver``, never ``fork``);
+            1 renders in this process.
 
     Returns:
         The written manifest.
@@ -195,37 +239,80 @@ def write_synthetic(
         raise ValueError(f"num_identities must be >= 1, got {num_identities}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    identities = [random_identity(rng) for _ in range(num_identities)]
     counts = zipf_counts(rng, num_identities, min_images, max_images, zipf_a)
     # samples in a random global order so that every shard mixes identities
     labels = np.repeat(np.arange(num_identities), counts)
     rng.shuffle(labels)
-    image_rng = np.random.default_rng([seed, 1])
-    writer = ShardWriter(out, prefix="train", max_count=samples_per_shard)
-    for index, label in enumerate(labels):
-        array = render(identities[label], image_rng, image_size)
-        writer.write(f"{index:09d}", _jpeg(array, int(image_rng.integers(75, 96))), int(label))
-    finished = writer.close()
+    jobs = [_ShardJob(str(out), index, start, labels[start:start + samples_per_shard], seed, image_size)
+            for index, start in enumerate(range(0, len(labels), samples_per_shard))]
+    finished = sorted(_run_shard_jobs(jobs, workers, len(labels)))
     manifest = Manifest(
-        num_classes=num_identities, num_samples=int(len(labels)), shards=[str(f.path) for f in finished],
-        shard_counts=[f.count for f in finished], class_counts=[int(c) for c in counts],
+        num_classes=num_identities, num_samples=int(len(labels)), shards=[f[1] for f in finished],
+        shard_counts=[f[2] for f in finished], class_counts=[int(c) for c in counts],
         label_map={f"id{i:06d}": i for i in range(num_identities)},
         source={"kind": "synthetic", "num_identities": num_identities, "min_images": min_images,
                 "max_images": max_images, "zipf_a": zipf_a, "holdout_identities": holdout_identities,
                 "image_size": image_size, "seed": seed},
-        content_hash=content_hash([f.sha256 for f in finished]), image_size=(image_size, image_size),
-        shard_hashes=[f.sha256 for f in finished], shard_bytes=[f.bytes for f in finished],
+        content_hash=content_hash([f[4] for f in finished]), image_size=(image_size, image_size),
+        shard_hashes=[f[4] for f in finished], shard_bytes=[f[3] for f in finished],
     )
     write_manifest(out, manifest)
     if holdout_identities > 1 and num_pairs > 0:
         pairs = holdout_pairset(holdout_identities, holdout_images, num_pairs, image_size, seed)
         save_pairset(out / HOLDOUT_PAIRS, pairs)
+    if seen_pairs > 0:
+        save_pairset(out / SEEN_PAIRS, seen_identity_pairset(counts, seen_pairs, image_size, seed))
     log.info("wrote %d images of %d identities in %d shards to %s", len(labels), num_identities,
              len(finished), out)
     return manifest
+
+
+def _run_shard_jobs(jobs: list[_ShardJob], workers: int, total: int) -> list[tuple[int, str, int, int, str]]:
+    """Render ``jobs`` in this process or in ``workers`` processes, with a progress bar on a terminal."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", desc="synth", disable=not sys.stderr.isatty())
+    start, done, results = time.perf_counter(), 0, []
+
+    def advance(result: tuple[int, str, int, int, str]) -> None:
+        nonlocal done
+        results.append(result)
+        done += result[2]
+        bar.update(result[2])
+        if bar.disable and (len(results) % max(1, len(jobs) // 10) == 0 or done == total):
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            log.info("synth: %d / %d images, %.0f img/s, ETA %.0f s", done, total, rate, (total - done) / rate)
+
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                advance(_render_shard(job))
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            # forkserver: the workers are forked from a clean server process, never from this (threaded) one.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                for result in pool.map(_render_shard, jobs):
+                    advance(result)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    log.info("synth: %d images in %.1f s (%.0f img/s, %d worker%s)", total, elapsed, total / max(elapsed, 1e-9),
+             workers, "" if workers == 1 else "s")
+    return results
 
 
 def holdout_pairset(num_identities: int, images_per_identity: int, num_pairs: int, image_size: int,
@@ -238,6 +325,7 @@ def holdout_pairset(num_identities: int, images_per_identity: int, num_pairs: in
     images = [[_jpeg(render(ident, rng, image_size), 90) for _ in range(images_per_identity)]
               for ident in identities]
     pair_images: list[bytes] = []
+    names: list[str] = []
     issame = []
     for k in range(num_pairs):
         same = k % 2 == 0
@@ -245,10 +333,39 @@ def holdout_pairset(num_identities: int, images_per_identity: int, num_pairs: in
             who = int(rng.integers(num_identities))
             a, b = rng.choice(images_per_identity, size=2, replace=False)
             pair_images += [images[who][a], images[who][b]]
+            names += [f"holdout{who:06d}"] * 2
         else:
             first, second = rng.choice(num_identities, size=2, replace=False)
             pair_images += [images[first][int(rng.integers(images_per_identity))],
                             images[second][int(rng.integers(images_per_identity))]]
+            names += [f"holdout{first:06d}", f"holdout{second:06d}"]
         issame.append(same)
     folds = np.arange(num_pairs) * 10 // max(1, num_pairs)
-    return PairSet(name="synthetic_holdout", images=pair_images, issame=np.array(issame), folds=folds)
+    return PairSet(name="synthetic_holdout", images=pair_images, issame=np.array(issame), folds=folds,
+                   identities=names)
+
+
+def seen_identity_pairset(class_counts: np.ndarray, num_pairs: int, image_size: int, seed: int) -> PairSet:
+    """Pairs of training identities from new renders (an RNG stream of their own, never in the shards).
+
+    Identities are drawn uniformly (not by image count), so that the tail, most of a Zipf set, fills its
+    bucket; each image carries its identity name (``id%06d``, the manifest's ``label_map``) and the
+    identity's training-image count.
+    """
+    num_identities = len(class_counts)
+    if num_identities < 2:
+        raise ValueError(f"seen pairs need at least 2 training identities, got {num_identities}")
+    rng = np.random.default_rng([seed, 4])
+    pair_images: list[bytes] = []
+    who: list[int] = []
+    issame = []
+    for k in range(num_pairs):
+        same = k % 2 == 0
+        pair = [int(rng.integers(num_identities))] * 2 if same else \
+            [int(v) for v in rng.choice(num_identities, size=2, replace=False)]
+        pair_images += [_jpeg(render(identity_of(seed, i), rng, image_size), 90) for i in pair]
+        who += pair
+        issame.append(same)
+    folds = np.arange(num_pairs) * 10 // max(1, num_pairs)
+    return PairSet(name="synthetic_seen", images=pair_images, issame=np.array(issame), folds=folds,
+                   identities=[f"id{i:06d}" for i in who], image_counts=np.asarray(class_counts)[who])

@@ -6,15 +6,15 @@ ONNX Runtime on the CPU provider. Both take float [N, 3, H, W] RGB normalised as
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from distrib_face.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_image, resize_rgb
 from distrib_face.data.pairset import PairSet
 from distrib_face.eval.metrics import DEFAULT_FAR_TARGETS, VerificationResult, verification_metrics
 
@@ -125,18 +125,18 @@ def load_model(path: str | os.PathLike, device: str = "cpu", num_threads: int = 
 
     Args:
         path: an ``.onnx`` file (ONNX Runtime, CPU provider); a backbone file written by
-            ``distrib_face.models.save_backbone``; or a checkpoint folder holding ``backbone.pt``.
+            ``distrib_face.models.save_backbone``; a checkpoint folder holding ``backbone.pt``; or a
+            checkpoints folder (or training output folder) whose ``latest`` file names such a checkpoint.
         device: torch device for a backbone (ONNX always runs on the CPU provider here).
         num_threads: ONNX Runtime intra-op threads (0: its default).
 
     Raises:
-        FileNotFoundError: nothing at ``path`` (or no ``backbone.pt`` in the folder).
+        FileNotFoundError: nothing at ``path``, or a folder without a backbone (the message says what was tried).
+        ValueError: a file that is neither ONNX nor a backbone file (``BackboneFileError``).
     """
     path = Path(path)
     if path.is_dir():
-        if not (path / "backbone.pt").is_file():
-            raise FileNotFoundError(f"{path}: checkpoint folder has no backbone.pt")
-        path = path / "backbone.pt"
+        path = _backbone_in_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     if path.suffix == ".onnx":
@@ -145,6 +145,23 @@ def load_model(path: str | os.PathLike, device: str = "cpu", num_threads: int = 
 
     module = load_backbone(path, map_location=device)
     return TorchEmbedder(module, device=device)
+
+
+def _backbone_in_folder(folder: Path) -> Path:
+    """``backbone.pt`` of a checkpoint folder, of ``<folder>/latest``'s checkpoint, or of ``checkpoints/latest``."""
+    if (folder / "backbone.pt").is_file():
+        return folder / "backbone.pt"
+    for root in (folder, folder / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            target = root / latest.read_text().strip()
+            if (target / "backbone.pt").is_file():
+                return target / "backbone.pt"
+            raise FileNotFoundError(f"{latest} names {target}, which holds no backbone.pt")
+    raise FileNotFoundError(
+        f"{folder}: a folder given as a model must hold backbone.pt (a checkpoint) or a 'latest' pointer to one "
+        "(a checkpoints folder)"
+    )
 
 
 def as_embedder(model: Any, device: "str | torch.device | None" = None) -> OnnxEmbedder | TorchEmbedder | Embedder:
@@ -171,13 +188,46 @@ def as_embedder(model: Any, device: "str | torch.device | None" = None) -> OnnxE
     raise TypeError(f"cannot evaluate a {type(model).__name__}: pass an nn.Module, an ONNX session or a model path")
 
 
-def preprocess(images: Sequence[bytes] | np.ndarray, size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+def decode_rgb(data: bytes, size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode one encoded image to uint8 [H, W, 3] RGB at ``size`` = (height, width), as :func:`preprocess` does.
+
+    The data side's safe decoder (:func:`distrib_face.data.decode.decode_image`: header checked before any
+    decoding, grey / CMYK / RGBA / 16-bit converted), then a bilinear resize. ``distrib-face embed`` runs it in
+    its reader processes, so its embeddings equal ``embed_images`` on the same bytes.
+
+    Raises:
+        BadSample: the image cannot be used (``reason``: too_large, not_an_image, truncated, undecodable).
+    """
+    return np.asarray(resize_rgb(decode_image(bytes(data), max_pixels=max_image_pixels), size))
+
+
+def preprocess(
+    images: Sequence[bytes] | np.ndarray,
+    size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    skipped: dict[int, str] | None = None,
+    offset: int = 0,
+) -> np.ndarray:
     """Decode and normalise images to float32 [N, 3, H, W] RGB in [-1, 1] as (x - 127.5) / 127.5.
 
+    Encoded images go through the data side's safe decoder (:mod:`distrib_face.data.decode`): the header's
+    pixel count is checked before anything is decoded, and grey, palette, CMYK, RGBA and 16-bit images are
+    converted to 8-bit RGB.
+
     Args:
-        images: encoded images (any format PIL reads; grey becomes RGB) or a uint8 array [N, H, W, 3]
+        images: encoded images (JPEG, PNG, WebP, BMP, PPM, TIFF, GIF) or a uint8 array [N, H, W, 3]
             (or [N, H, W] grey).
         size: (height, width); images of another size are resized bilinearly.
+        max_image_pixels: largest ``width * height`` a header may claim.
+        skipped: if given, an image that cannot be used becomes a row of zeros and ``skipped[offset + i]``
+            gets its reason (``too_large``, ``not_an_image``, ``truncated``, ``undecodable``); if None, it
+            raises.
+        offset: index of ``images[0]`` in the caller's list (for ``skipped`` and messages).
+
+    Raises:
+        ValueError: an image cannot be used and ``skipped`` is None (the message names its index and reason).
     """
     height, width = size
     if isinstance(images, np.ndarray):
@@ -192,13 +242,13 @@ def preprocess(images: Sequence[bytes] | np.ndarray, size: tuple[int, int] = DEF
         decoded = []
         for i, data in enumerate(images):
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img = img.convert("RGB")
-                    if img.size != (width, height):
-                        img = img.resize((width, height), Image.BILINEAR)
-                    decoded.append(np.asarray(img))
-            except (OSError, ValueError) as err:
-                raise ValueError(f"image {i}: cannot decode {len(data)} bytes: {err}") from err
+                decoded.append(decode_rgb(data, (height, width), max_image_pixels))
+            except BadSample as bad:
+                if skipped is None:
+                    raise ValueError(f"image {offset + i}: cannot decode {len(data)} bytes: {bad}") from bad
+                skipped[offset + i] = bad.reason
+                logger.warning("image %d cannot be used: %s", offset + i, bad)
+                decoded.append(np.zeros((height, width, 3), np.uint8))
         arrays = np.stack(decoded) if decoded else np.zeros((0, height, width, 3), np.uint8)
     x = (arrays.astype(np.float32) - 127.5) / 127.5
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # [N, 3, H, W]
@@ -216,6 +266,7 @@ def embed_images(
     device: "str | torch.device | None" = None,
     flip: bool = True,
     image_size: tuple[int, int] | None = None,
+    skipped: dict[int, str] | None = None,
 ) -> np.ndarray:
     """Embed images in batches.
 
@@ -227,6 +278,9 @@ def embed_images(
         device: torch device for the inputs; ``None`` means the module's own device.
         flip: test-time augmentation: the embedding is ``f(image) + f(mirror(image))``.
         image_size: (height, width) the model expects; default: the ONNX input size, else 112 x 112.
+        skipped: if given, an image that cannot be decoded does not raise: its index gets its reason here
+            and its embedding row is NaN (so a caller that forgets to drop it sees NaN, never a made-up
+            number).
 
     Returns:
         float32 [N, D] raw (unnormalised) embeddings.
@@ -237,7 +291,7 @@ def embed_images(
     size = image_size or getattr(embedder, "input_size", DEFAULT_IMAGE_SIZE)
     outputs = []
     for part in _batches(len(images), batch_size):
-        x = preprocess(images[part], size)
+        x = preprocess(images[part], size, skipped=skipped, offset=part.start)
         if flip:
             both = embedder(np.concatenate([x, x[..., ::-1].copy()]))
             outputs.append(both[: len(x)] + both[len(x):])
@@ -245,7 +299,28 @@ def embed_images(
             outputs.append(embedder(x))
     if not outputs:
         raise ValueError("no images to embed")
-    return np.concatenate(outputs).astype(np.float32)
+    embeddings = np.concatenate(outputs).astype(np.float32)
+    if skipped:
+        embeddings[sorted(skipped)] = np.nan
+    return embeddings
+
+
+def usable_pairs(num_pairs: int, bad_images: Iterable[int]) -> np.ndarray:
+    """bool [num_pairs]: pairs whose two images (``2k``, ``2k + 1``) are both usable."""
+    keep = np.ones(num_pairs, dtype=bool)
+    for index in bad_images:
+        keep[int(index) // 2] = False
+    return keep
+
+
+def skipped_pairs_note(num_images: int, skipped: dict[int, str], keep: np.ndarray) -> str:
+    """A readable note: how many images were unusable, why, and how many pairs were left out."""
+    reasons: dict[str, int] = {}
+    for reason in skipped.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    by_reason = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+    return (f"{len(skipped)} of {num_images} images could not be used ({by_reason}): "
+            f"{int((~keep).sum())} of {keep.size} pairs left out")
 
 
 def evaluate_pairset(
@@ -263,16 +338,26 @@ def evaluate_pairset(
     The set's own folds (``PairSet.folds``) are used when present, else ``nfolds`` contiguous folds.
     See :func:`embed_images` for ``model``, ``batch_size``, ``device``, ``flip`` and ``image_size``.
     """
+    skipped: dict[int, str] = {}
     embeddings = embed_images(
-        model, pairset.images, batch_size=batch_size, device=device, flip=flip, image_size=image_size
+        model, pairset.images, batch_size=batch_size, device=device, flip=flip, image_size=image_size,
+        skipped=skipped,
     )
+    keep = usable_pairs(pairset.num_pairs, skipped)
+    if not keep.any():
+        raise ValueError(f"pair set {pairset.name!r}: no pair has two usable images")
+    issame = np.asarray(pairset.issame)
     result = verification_metrics(
-        embeddings[0::2],
-        embeddings[1::2],
-        pairset.issame,
+        embeddings[0::2][keep],
+        embeddings[1::2][keep],
+        issame[keep],
         nfolds=nfolds,
         far_targets=far_targets,
-        folds=pairset.folds,
+        folds=None if pairset.folds is None else np.asarray(pairset.folds)[keep],
         name=pairset.name,
     )
+    if skipped:
+        note = skipped_pairs_note(len(pairset.images), skipped, keep)
+        logger.warning("pair set %s: %s", pairset.name, note)
+        result.notes.append(note)
     return result

@@ -13,7 +13,6 @@ of one video count once), L2-normalised; a pair's score is the cosine of its two
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from distrib_face.data.decode import BadSample, decode_image, resize_rgb
 from distrib_face.eval.metrics import (
     DEFAULT_FAR_TARGETS,
     VerificationResult,
@@ -269,13 +269,14 @@ def load_ijb_images(protocol: IjbProtocol, indices: Sequence[int], size: tuple[i
     for i in indices:
         path = protocol.root / "loose_crop" / str(protocol.image_names[i])
         try:
-            with Image.open(io.BytesIO(path.read_bytes())) as img:
-                if protocol.landmarks is not None:
-                    out.append(align_face(img, protocol.landmarks[i], size))
-                else:
-                    out.append(np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)))
-        except (OSError, ValueError) as err:
+            # the data side's safe decoder: pixel limit checked on the header, any mode to 8-bit RGB
+            img = decode_image(path.read_bytes())
+        except (OSError, BadSample) as err:
             raise ValueError(f"{path}: cannot read IJB image: {err}") from err
+        if protocol.landmarks is not None:
+            out.append(align_face(img, protocol.landmarks[i], size))
+        else:
+            out.append(np.asarray(resize_rgb(img, size)))
     return np.stack(out)
 
 

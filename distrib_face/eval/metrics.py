@@ -19,6 +19,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_FAR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 NORM_PERCENTILES: tuple[int, ...] = (1, 5, 25, 50, 75, 95, 99)
 
+# Notes already logged at INFO by this process: a trainer verifying every N steps would otherwise repeat the
+# same "TAR@FAR not measurable" line at each evaluation. Later copies go to DEBUG; results keep their notes.
+_logged_notes: set[str] = set()
+
+
+def _log_note_once(message: str) -> None:
+    if message in _logged_notes:
+        logger.debug("%s", message)
+        return
+    _logged_notes.add(message)
+    logger.info("%s", message)
+
 
 @dataclass
 class RocCurve:
@@ -53,6 +65,8 @@ class VerificationResult:
         norm_stats: statistics of the raw embedding norms (see :func:`feature_norm_stats`), when known.
         notes: human-readable caveats (e.g. a FAR the set is too small to measure).
         name: the pair set's name.
+        class_sizes: the split by the identities' training-image counts
+            (:class:`~distrib_face.eval.buckets.ClassSizeResult`) when those counts are known, else None.
     """
 
     accuracy: float
@@ -71,6 +85,7 @@ class VerificationResult:
     norm_stats: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
     name: str = ""
+    class_sizes: Any = None
 
     @property
     def fpr(self) -> np.ndarray:
@@ -100,6 +115,7 @@ class VerificationResult:
             "num_impostor": self.num_impostor,
             "norm_stats": self.norm_stats,
             "notes": list(self.notes),
+            "class_sizes": self.class_sizes.to_dict() if self.class_sizes is not None else None,
         }
 
 
@@ -335,7 +351,7 @@ def verification_metrics_from_scores(
     roc = roc_curve(scores, issame)
     tars, notes = tar_at_far(scores, issame, far_targets)
     for note in notes:
-        logger.info("%s%s", f"{name}: " if name else "", note)
+        _log_note_once(f"{name}: {note}" if name else note)
     eer, eer_threshold = equal_error_rate(roc)
     return VerificationResult(
         accuracy=float(np.mean(fold_acc)),

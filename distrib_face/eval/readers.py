@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ def read_lfw_pairs(
             num_folds, pairs_per_fold = int(first[0]), int(first[1])
         lines = lines[1:]
     images: list[bytes] = []
+    identities: list[str] = []
     issame: list[bool] = []
     for line_no, tokens in lines:
         try:
@@ -158,6 +160,7 @@ def read_lfw_pairs(
             ) from err
         for person, number in people:
             images.append(_find_image(images_dir, person, number, pairs_path, line_no).read_bytes())
+            identities.append(person)
         issame.append(same)
     folds = None
     if num_folds is not None:
@@ -168,7 +171,8 @@ def read_lfw_pairs(
                 f"({expected} pair lines), found {len(issame)}"
             )
         folds = np.arange(len(issame)) // (2 * pairs_per_fold)
-    return PairSet(name=name or images_dir.name, images=images, issame=np.array(issame, dtype=bool), folds=folds)
+    return PairSet(name=name or images_dir.name, images=images, issame=np.array(issame, dtype=bool), folds=folds,
+                   identities=identities)
 
 
 # ------------------------------------------------------------------------------------------------- any
@@ -180,7 +184,11 @@ def load_any_pairs(path: str | os.PathLike, images_dir: str | os.PathLike | None
     - a ``.bin`` file: :func:`read_bin`;
     - a ``.txt`` file: :func:`read_lfw_pairs` with ``images_dir`` (default: the file's folder);
     - a folder: its ``pairs.txt``, images in that folder (or in ``images_dir``);
-    - anything else: a pair-set file (:func:`~distrib_face.data.pairset.load_pairset`).
+    - a pair-set file (:func:`~distrib_face.data.pairset.load_pairset`, a ``.npz``).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder without ``pairs.txt``.
+        ValueError: a file of another kind (the message names the kinds accepted), or a broken one.
     """
     path = Path(path)
     if path.is_dir():
@@ -193,4 +201,11 @@ def load_any_pairs(path: str | os.PathLike, images_dir: str | os.PathLike | None
     if path.suffix == ".txt":
         folder = Path(images_dir) if images_dir else path.parent
         return read_lfw_pairs(path, folder, name=folder.name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such pair-set file")
+    if not zipfile.is_zipfile(path):  # a .npz is a zip archive; anything else would reach numpy's unpickler
+        raise ValueError(
+            f"{path}: not a pair set (not a .npz archive): give a pair-set .npz (distrib-face pack-pairs), an "
+            "insightface .bin, a pairs.txt or a folder holding pairs.txt"
+        )
     return load_pairset(path)

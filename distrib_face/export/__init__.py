@@ -21,6 +21,7 @@ _LAZY = {
     "INPUT_MEAN": "exporter",
     "INPUT_STD": "exporter",
     "DEFAULT_OPSET": "exporter",
+    "insightface_routes": "exporter",
     "check_parity": "parity",
     "check_torchscript_parity": "parity",
     "preprocess": "parity",

@@ -107,6 +107,17 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def insightface_routes(size: int) -> bool:
+    """Whether insightface's model zoo loads a one-input ``size x size`` ONNX model as a recognition model.
+
+    ``insightface.model_zoo.get_model`` routes by input shape (``ModelRouter.get_model`` in
+    python-package/insightface/model_zoo/model_zoo.py): 192 x 192 goes to ``Landmark``, 96 x 96 to
+    ``Attribute``, and only a square input of side >= 112 divisible by 16 to ``ArcFaceONNX``; anything else
+    returns ``None``.
+    """
+    return size >= 112 and size % 16 == 0 and size != 192
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -166,6 +177,12 @@ def export_onnx(
             entry.key, entry.value = key, str(value)
         proto.producer_name = "distrib_face"
         _warn_if_insightface_misreads(proto, path)
+        if not insightface_routes(size):
+            logger.warning(
+                "%s: insightface's model zoo will not load this %dx%d model as a recognition model "
+                "(get_model routes square inputs >= 112 px, divisible by 16, other than 192; train at 112 for that)",
+                path, size, size,
+            )
         onnx.checker.check_model(proto)
         onnx.save(proto, str(target))
     logger.info("exported ONNX (opset %d, input %dx%d, dynamic batch) to %s", opset, size, size, path)

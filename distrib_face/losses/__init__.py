@@ -1,6 +1,6 @@
 """Margins and metric losses: pure functions of cosines / embeddings on one device (no torch.distributed)."""
 
-from distrib_face.losses.auxiliary import AuxLossSpec, build_auxiliary_losses
+from distrib_face.losses.auxiliary import AuxLossSpec
 from distrib_face.losses.margins import (
     MARGINS,
     Margin,
@@ -19,7 +19,6 @@ __all__ = [
     "MarginContext",
     "MarginSpec",
     "StepStats",
-    "build_auxiliary_losses",
     "create_margin",
     "list_margins",
     "register_margin",

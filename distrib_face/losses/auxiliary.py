@@ -1,6 +1,9 @@
-"""Auxiliary losses by name and weight, added to the margin softmax (what the config's list describes).
+"""Auxiliary losses by name and weight, added to the margin softmax: what the config's list describes.
 
-The trainer builds them once and adds their weighted sum to the classifier's loss every step::
+This module holds the specs (names, options, weights) and validates them; the losses themselves are the
+single-device functions of :mod:`distrib_face.losses.metric`, and their sharded assembly over the global
+batch (class centres split by class like the classifier) is
+:func:`distrib_face.parallel.auxiliary.build_auxiliary_losses`::
 
     aux = build_auxiliary_losses(cfg.loss.auxiliary, num_classes=C, embedding_size=D, group=ctx.group,
                                  device=ctx.device, embedding_grad_scale=W, class_counts=manifest.class_counts)
@@ -28,14 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
-
-import torch
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from distrib_face.parallel.auxiliary import AuxiliaryLosses
+from typing import Any
 
 AUXILIARY_OPTIONS: dict[str, frozenset[str]] = {
     "triplet": frozenset({"margin", "mining", "normalize"}),
@@ -79,36 +75,3 @@ class AuxLossSpec:
         if unknown:
             raise ValueError(f"unknown auxiliary loss fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
-
-
-def build_auxiliary_losses(
-    specs: Sequence[AuxLossSpec | dict[str, Any]],
-    *,
-    num_classes: int,
-    embedding_size: int,
-    group: Any = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    embedding_grad_scale: float = 1.0,
-    class_counts: "Sequence[int] | np.ndarray | None" = None,
-    seed: int = 0,
-) -> "AuxiliaryLosses":
-    """Build the weighted auxiliary losses (an ``nn.Module``; call it as described in the module docstring).
-
-    Args:
-        specs: :class:`AuxLossSpec` or plain dicts; duplicates of a name raise ``ValueError``.
-        num_classes, embedding_size: the classifier's ``C`` and ``D``.
-        group: the class-shard process group (``None``: default group or a world of 1).
-        device, dtype: of the sharded centres and the ring radius.
-        embedding_grad_scale: as the classifier's (the data-parallel world size under DeepSpeed / DDP).
-        class_counts: ``[C]`` images per class (``uploss`` only).
-        seed: seed of the centres' initialisation (world-size independent).
-    """
-    from distrib_face.parallel.auxiliary import AuxiliaryLosses
-
-    parsed = [s if isinstance(s, AuxLossSpec) else AuxLossSpec.from_dict(s) for s in specs]
-    names = [s.name for s in parsed]
-    if len(set(names)) != len(names):
-        raise ValueError(f"auxiliary losses listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    return AuxiliaryLosses(parsed, num_classes, embedding_size, group=group, device=device, dtype=dtype,
-                           embedding_grad_scale=embedding_grad_scale, class_counts=class_counts, seed=seed)

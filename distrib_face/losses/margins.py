@@ -312,7 +312,8 @@ def additive_angular(
         margin: ``m`` in radians, a float or a tensor broadcastable to ``cos`` (per-sample margins; may carry
             gradient, as MagFace's does).
         fallback: ``"continuous"``: ``cos theta - cos(pi - m) - 1`` beyond the threshold (meets ``-1`` at
-            ``theta = pi - m``, keeps decreasing); ``"insightface"``: ``cos theta - m sin m`` (a small jump).
+            ``theta = pi - m``, keeps decreasing); ``"insightface"``: ``cos theta - m sin m`` (a small jump;
+            insightface's MXNet code, arcface_torch in 2022 and pytorch-metric-learning, see :class:`ArcFace`).
         easy_margin: apply the margin only where ``cos theta > 0``.
     """
     if isinstance(margin, Tensor):
@@ -394,7 +395,12 @@ class ArcFace(Margin):
 
     - ``fallback="continuous"`` (default): ``cos theta - cos(pi - m) - 1``, which meets ``-1`` at
       ``theta = pi - m`` and keeps decreasing with theta;
-    - ``fallback="insightface"``: ``cos theta - m sin m`` (arcface_torch's choice; a small jump at the threshold).
+    - ``fallback="insightface"``: ``cos theta - m sin m`` (a small jump at the threshold): insightface's MXNet
+      training code (``src/train_softmax.py``, ``loss_type=4``, until Nov 2020), arcface_torch's
+      ``losses.py`` from Jan to Dec 2022 (commits 2e2e8c97 .. 657ae30e), and pytorch-metric-learning's
+      ``ArcFaceLoss`` (``losses/arcface_loss.py``). arcface_torch's current ``losses.py`` (since 657ae30e,
+      2022-12-15) has no fallback: it takes ``cos(theta + m)`` everywhere, which turns back up past
+      ``theta + m > pi``. See docs/losses.md.
 
     ``options["easy_margin"]``: apply the margin only where ``cos theta > 0`` (the original easy margin).
     """

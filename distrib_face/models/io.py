@@ -13,6 +13,7 @@ One ``torch.save`` file holding only plain types and tensors, so it loads with
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from distrib_face.atomic import atomic_open
 from distrib_face.models.registry import create_backbone, is_backbone, list_backbones
+from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 
 FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -101,10 +103,17 @@ def read_backbone_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone file not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; the unpickler's complaint would be jargon
+        raise BackboneFileError(
+            f"{path}: not a backbone file (save_backbone writes a torch zip archive; an exported model is an .onnx)"
+        )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = safe_torch_load(path)
+    except UnsafeFileError as exc:
+        raise BackboneFileError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types on foreign files
-        raise BackboneFileError(f"{path}: not a backbone file written by save_backbone ({exc})") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneFileError(f"{path}: not a backbone file written by save_backbone ({first_line})") from exc
     if not isinstance(payload, dict) or not {"name", "kwargs", "state_dict"} <= set(payload):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise BackboneFileError(f"{path}: expected keys name, kwargs, state_dict; found {found}")

@@ -18,18 +18,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from distrib_face.models.layers import run_head_in_fp32
+from distrib_face.models.layers import run_head_in_fp32, stage_output_size
 from distrib_face.models.registry import register_backbone
 
 DEFAULT_WIDTHS: tuple[int, int, int, int] = (64, 128, 256, 512)
-
-
-def _stage_output_size(input_size: int, num_stages: int = 4) -> int:
-    """Spatial side after ``num_stages`` stride-2 3x3 convolutions with padding 1 (ceil(s / 2) each)."""
-    size = input_size
-    for _ in range(num_stages):
-        size = (size + 1) // 2
-    return size
 
 
 class IBasicBlock(nn.Module):
@@ -115,7 +107,7 @@ class IResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn2 = nn.BatchNorm2d(in_channels, eps=1e-5)
         self.dropout = nn.Dropout(p=dropout)
-        final_side = _stage_output_size(self.input_size)
+        final_side = stage_output_size(self.input_size)
         self.fc = nn.Linear(in_channels * final_side * final_side, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
         self._init_weights()

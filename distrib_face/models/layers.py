@@ -19,3 +19,11 @@ def run_head_in_fp32(head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
         with torch.autocast(device_type=device_type, enabled=False):
             return head(x.float())
     return head(x)
+
+
+def stage_output_size(input_size: int, num_stages: int = 4) -> int:
+    """Spatial side after ``num_stages`` stride-2 3x3 convolutions with padding 1 (ceil(s / 2) each)."""
+    size = input_size
+    for _ in range(num_stages):
+        size = (size + 1) // 2
+    return size

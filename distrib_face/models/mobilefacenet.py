@@ -19,8 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from distrib_face.models.iresnet import _stage_output_size
-from distrib_face.models.layers import run_head_in_fp32
+from distrib_face.models.layers import run_head_in_fp32, stage_output_size
 from distrib_face.models.registry import register_backbone
 
 
@@ -131,7 +130,7 @@ class MobileFaceNet(nn.Module):
             self._residual_group(c128, blocks[3], hidden=256),
         )
         self.conv_sep = ConvBlock(c128, conv_sep_channels)
-        side = _stage_output_size(self.input_size)
+        side = stage_output_size(self.input_size)
         # GDC: a linear depthwise conv covering the whole final map replaces global average pooling.
         self.gdc = LinearBlock(conv_sep_channels, conv_sep_channels, kernel=side, groups=conv_sep_channels)
         self.dropout = nn.Dropout(p=dropout)

@@ -8,6 +8,8 @@ A backbone is a single-device ``nn.Module`` mapping float images ``[N, 3, S, S]`
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -47,14 +49,38 @@ def register_backbone(fn: _F) -> _F:
 
 def list_backbones() -> list[str]:
     """Names of every registered backbone, sorted."""
-    _import_builtin_backbones()
     return sorted(_REGISTRY)
 
 
 def is_backbone(name: str) -> bool:
     """Whether ``name`` is a registered backbone."""
-    _import_builtin_backbones()
     return name in _REGISTRY
+
+
+def backbone_options(name: str) -> list[str] | None:
+    """The keyword arguments ``create_backbone(name, **kwargs)`` accepts, read from the factory's signature.
+
+    A factory that forwards ``**kwargs`` to the class it returns (``-> IResNet``) accepts that class's
+    keyword-only parameters too. ``None`` when that cannot be known (``**kwargs`` without a class return
+    annotation): every keyword may be valid.
+
+    Raises:
+        UnknownBackboneError: if ``name`` is not registered.
+    """
+    if name not in _REGISTRY:
+        raise UnknownBackboneError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        try:
+            built = typing.get_type_hints(factory).get("return")
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: nothing to follow
+            built = None
+        if not isinstance(built, type):
+            return None
+        names |= {p.name for p in inspect.signature(built).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    return sorted(names)
 
 
 def create_backbone(
@@ -82,7 +108,6 @@ def create_backbone(
     Raises:
         UnknownBackboneError: if ``name`` is not registered.
     """
-    _import_builtin_backbones()
     if name not in _REGISTRY:
         raise UnknownBackboneError(f"unknown backbone {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[name](embedding_size=embedding_size, dropout=dropout, **kwargs)
@@ -90,8 +115,3 @@ def create_backbone(
         model = model.to(memory_format=torch.channels_last)
     return model
 
-
-def _import_builtin_backbones() -> None:
-    # The families register themselves on import; importing them here (not at package import time)
-    # keeps ``import distrib_face.models`` free of side effects until a backbone is asked for.
-    from distrib_face.models import iresnet, mobilefacenet, vit  # noqa: F401

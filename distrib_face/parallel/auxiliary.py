@@ -29,40 +29,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from distrib_face.losses import metric
+from distrib_face.losses.auxiliary import AuxLossSpec
 from distrib_face.parallel.collectives import (
     all_gather_variable,
     all_reduce_sum_replicated_grad,
+    all_reduce_sum_summed_grad,
     all_reduce_tensor,
     gather_with_grad,
     scale_grad,
-    world_size_of,
 )
 from distrib_face.parallel.context import group_rank_and_size
 from distrib_face.parallel.shard import class_range, init_class_rows
-
-
-class _AllReduceSumBothWays(torch.autograd.Function):
-    """Sum over ranks whose result feeds *different* computations per rank: the backward sums too."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
-        ctx.group = group
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        out = grad.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
-
-
-def all_reduce_sum_summed_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Differentiable all-reduce (sum) whose backward all-reduces the gradient (identity in a world of 1)."""
-    if world_size_of(group) == 1:
-        return tensor
-    return _AllReduceSumBothWays.apply(tensor, group)
 
 
 class ShardedClassCenters(nn.Module):
@@ -161,7 +138,7 @@ _CENTER_TERMS = ("center", "intra_angle", "inter_angle")
 class AuxiliaryLosses(nn.Module):
     """A weighted sum of auxiliary losses over the global batch, the same scalar on every rank.
 
-    Build it with :func:`distrib_face.losses.auxiliary.build_auxiliary_losses`.
+    Build it with :func:`build_auxiliary_losses`.
 
     Example:
         ``total, parts = aux(local_embeddings, local_labels, classifier=clf)``; add ``total`` to the
@@ -251,3 +228,34 @@ class AuxiliaryLosses(nn.Module):
             parts[spec.name] = value.detach()
             total = total + spec.weight * value
         return total, parts
+
+
+def build_auxiliary_losses(
+    specs: Sequence[AuxLossSpec | dict[str, Any]],
+    *,
+    num_classes: int,
+    embedding_size: int,
+    group: Any = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    embedding_grad_scale: float = 1.0,
+    class_counts: Sequence[int] | np.ndarray | None = None,
+    seed: int = 0,
+) -> AuxiliaryLosses:
+    """Build the weighted auxiliary losses (an ``nn.Module``; call it as described in the module docstring).
+
+    Args:
+        specs: :class:`AuxLossSpec` or plain dicts; duplicates of a name raise ``ValueError``.
+        num_classes, embedding_size: the classifier's ``C`` and ``D``.
+        group: the class-shard process group (``None``: default group or a world of 1).
+        device, dtype: of the sharded centres and the ring radius.
+        embedding_grad_scale: as the classifier's (the data-parallel world size under DeepSpeed / DDP).
+        class_counts: ``[C]`` images per class (``uploss`` only).
+        seed: seed of the centres' initialisation (world-size independent).
+    """
+    parsed = [s if isinstance(s, AuxLossSpec) else AuxLossSpec.from_dict(s) for s in specs]
+    names = [s.name for s in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"auxiliary losses listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return AuxiliaryLosses(parsed, num_classes, embedding_size, group=group, device=device, dtype=dtype,
+                           embedding_grad_scale=embedding_grad_scale, class_counts=class_counts, seed=seed)

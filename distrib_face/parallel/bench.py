@@ -54,9 +54,12 @@ class BenchSpec:
     chunk_size: int = 65536
     margin: str = "arcface"
     device: str = "cpu"
+    kernel: str = "auto"
+    """The classifier's ``kernel`` (auto / torch / triton)."""
     floor: bool = False
     profile: int = 0
     weight_dtype: str = "fp32"
+    """Storage dtype of the class weights and their optimizer state (fp32 / bf16; fp16 rows are skipped)."""
     offload: str = "none"
     optimizer: str = "sgd"
     threads: int = 0
@@ -65,12 +68,15 @@ class BenchSpec:
     def __post_init__(self) -> None:
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"--dtype must be one of {list(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.weight_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--weight-dtype must be one of {list(COMPUTE_DTYPES)}, got {self.weight_dtype!r}")
+        from distrib_face.parallel.kernels import check_kernel
+
+        check_kernel(self.kernel)
         if self.classes < self.world_size:
             raise ValueError(f"--classes ({self.classes}) must be >= --world-size ({self.world_size})")
         if self.device.startswith("cuda") and self.world_size > 1:
             raise ValueError("several ranks on one GPU are refused by NCCL: use --world-size 1 on a GPU")
-        if self.weight_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"--weight-dtype must be fp32 or bf16, got {self.weight_dtype!r}")
         if self.offload not in ("none", "host"):
             raise ValueError(f"--offload must be none or host, got {self.offload!r}")
         if self.clock not in ("wall", "cpu"):
@@ -176,19 +182,38 @@ def _profile_table(step_fn: Any, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+class UnsupportedSpec(RuntimeError):
+    """A benchmark row this version of the classifier cannot run (reported as skipped, with the reason)."""
+
+
+def weight_dtype_kwargs(weight_dtype: str) -> dict[str, Any]:
+    """``ShardedMarginClassifier`` keyword arguments for a weight storage dtype (``{}`` for fp32).
+
+    Raises:
+        UnsupportedSpec: a storage dtype the classifier does not keep (only fp32 and bf16 are).
+    """
+    if weight_dtype == "fp32":
+        return {}
+    if weight_dtype != "bf16":
+        raise UnsupportedSpec(f"weight_dtype={weight_dtype}: the classifier stores fp32 or bf16 weights")
+    return {"dtype": parse_dtype(weight_dtype, "--weight-dtype")}
+
+
 def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
     from distrib_face.losses import create_margin
     from distrib_face.parallel.classifier import ShardedMarginClassifier
+    from distrib_face.parallel.kernels import resolve_kernel
     from distrib_face.parallel.optim import ShardOptimizer
 
     device = torch.device(spec.device)
+    extra = weight_dtype_kwargs(spec.weight_dtype)
     rss_before = _current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clf = ShardedMarginClassifier(
         spec.classes, spec.embedding, margin=create_margin(spec.margin), sample_rate=spec.sample_rate,
         group=group, device=device, chunk_size=spec.chunk_size, compute_dtype=_compute_dtype(spec.dtype),
-        dtype=parse_dtype(spec.weight_dtype, "--weight-dtype"), offload=spec.offload, equal_batches=True,
+        kernel=spec.kernel, offload=spec.offload, equal_batches=True, **weight_dtype_kwargs(spec.weight_dtype),
     )
     opt = ShardOptimizer(clf, spec.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(1234 + clf.rank)
@@ -203,8 +228,11 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
         emb.grad = None
 
     times = _timed(step, spec, device)
+    used = "torch"
+    if clf.margin.linear_scale is not None and clf.num_subcenters == 1 and not clf.bias_columns:
+        used = resolve_kernel(spec.kernel, emb, clf.weight, clf.compute_dtype)
     out: dict[str, Any] = {"ms": statistics.median(times), "mem": _memory_mb(device, rss_before),
-                           "rows": _rows_per_step(clf)}
+                           "rows": _rows_per_step(clf), "kernel": used}
     if spec.floor:
         out["floor"] = _matmul_floor_ms(spec, out["rows"], device)
     if spec.profile:
@@ -232,7 +260,7 @@ def measure_peak(spec: BenchSpec) -> dict[str, float]:
 
 def _rows_per_step(clf: Any) -> int:
     """Class rows a training step of ``clf`` computes logits for (all of the shard without sampling)."""
-    index, rows = clf.active_rows()
+    _, rows = clf.active_rows()
     return int(rows.shape[0])
 
 
@@ -280,7 +308,7 @@ def _worker(rank: int, spec: BenchSpec, store: str, out_dir: str, impl: str) -> 
             result = _sharded_rank(spec, group)
         else:
             ms, mem = _baseline(spec)
-            result = {"ms": ms, "mem": mem}
+            result = {"ms": ms, "mem": mem, "kernel": "torch"}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -302,17 +330,24 @@ def _spawn(spec: BenchSpec, impl: str, nprocs: int) -> list[dict[str, Any]]:
 def run_benchmark(spec: BenchSpec, baseline: bool = True) -> list[BenchResult]:
     """Measure the sharded classifier (``spec.world_size`` gloo ranks, or in-process on a GPU) and the baseline."""
     results = []
-    if spec.device.startswith("cuda"):
-        per_rank = [_sharded_rank(spec)]
-    else:
-        per_rank = _spawn(spec, "sharded", spec.world_size)
     dtype = spec.dtype if spec.weight_dtype == "fp32" else f"{spec.dtype} (weights {spec.weight_dtype})"
     if spec.offload != "none":
         dtype += f", offload {spec.offload}"
     common = dict(world_size=spec.world_size, classes=spec.classes, batch_per_rank=spec.batch,
                   sample_rate=spec.sample_rate, dtype=dtype, device=spec.device)
+    try:
+        weight_dtype_kwargs(spec.weight_dtype)
+    except UnsupportedSpec as err:  # say so in the table rather than fail the whole run
+        logger.warning("skipped: %s", err)
+        return [BenchResult("sharded", ms_per_step=float("nan"), peak_mem_mb=float("nan"),
+                            note=f"skipped: {err}", **common)]
+    if spec.device.startswith("cuda"):
+        per_rank = [_sharded_rank(spec)]
+    else:
+        per_rank = _spawn(spec, "sharded", spec.world_size)
     slowest = max(per_rank, key=lambda p: p["ms"])
-    results.append(BenchResult("sharded", ms_per_step=slowest["ms"], peak_mem_mb=max(p["mem"] for p in per_rank),
+    results.append(BenchResult(f"sharded ({slowest['kernel']})", ms_per_step=slowest["ms"],
+                               peak_mem_mb=max(p["mem"] for p in per_rank),
                                note="slowest rank; memory per rank", rows_per_step=slowest["rows"],
                                floor_ms=slowest.get("floor", float("nan")), profile=slowest.get("profile", ""),
                                **common))

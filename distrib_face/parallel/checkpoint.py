@@ -29,6 +29,7 @@ from distrib_face.dtypes import short_name
 from distrib_face.parallel.classifier import ShardedMarginClassifier
 from distrib_face.parallel.optim import ShardOptimizer
 from distrib_face.parallel.shard import class_range
+from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ class _Source:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = safe_torch_load(path, mmap=True)
+    except UnsafeFileError:
+        raise  # its message names the file and what it asked for
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"{path}: not a readable classifier shard ({err})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

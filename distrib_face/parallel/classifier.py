@@ -35,7 +35,14 @@ from distrib_face.parallel.collectives import (
     gather_with_grad,
 )
 from distrib_face.parallel.context import group_rank_and_size
-from distrib_face.parallel.linear_lse import LinearMarginLogSumExp, Workspace
+from distrib_face.parallel.kernels import (
+    check_kernel,
+    filter_threshold,
+    linear_margin_logsumexp,
+    require_triton,
+    resolve_kernel,
+)
+from distrib_face.parallel.linear_lse import LinearNegativeLogSumExp, Workspace
 from distrib_face.parallel.rows import gather_rows, scatter_rows_
 from distrib_face.parallel.sampling import (
     new_marker,
@@ -268,6 +275,11 @@ class ShardedMarginClassifier(nn.Module):
             is CUDA, and moves only the rows in use to the device each step (:meth:`prefetch` overlaps the copy
             with the backbone's forward on a side stream). On a CPU device the host *is* the device and the
             losses equal the in-device path's.
+        kernel: how margins with ``s * cos`` non-target logits are computed: ``"torch"`` (chunked
+            matmuls), ``"triton"`` (fused kernels, :mod:`distrib_face.parallel.kernels`; needs triton and
+            CUDA tensors) or ``"auto"`` (triton on CUDA when it is importable, else torch).
+        grad_filter: the fused backward skips class tiles whose softmax probabilities are all below this
+            (``"auto"``: ``eps(compute dtype) / 32``, as Cut Cross-Entropy); ``None`` (default): exact.
 
     Example:
         ``loss = clf(local_embeddings, local_labels)`` returns the mean loss over the global batch,
@@ -295,8 +307,16 @@ class ShardedMarginClassifier(nn.Module):
         num_subcenters: int | None = None,
         equal_batches: bool = False,
         offload: str = "none",
+        kernel: str = "auto",
+        grad_filter: float | str | None = None,
     ) -> None:
         super().__init__()
+        self.kernel, self.grad_filter = check_kernel(kernel), grad_filter
+        filter_threshold(grad_filter, compute_dtype)  # validates it
+        if kernel == "triton":
+            require_triton("ShardedMarginClassifier(kernel='triton')")
+        if grad_filter is not None and kernel == "torch":
+            raise ValueError(f"grad_filter={grad_filter!r} filters the fused triton backward; kernel='torch' is exact")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if chunk_size < 1:
@@ -609,11 +629,15 @@ class ShardedMarginClassifier(nn.Module):
         num_rows = embeddings.shape[0]
         linear_scale = self.margin.linear_scale if self.fast_path else None
         fast = linear_scale is not None and k == 1 and not self.bias_columns
+        # The torch fast path owns the target cosines' gradient too; the fused Triton kernels take the
+        # target logits as an input (their own contract), so with them the target goes through autograd.
+        kernel = self._kernel_for(embeddings, weight) if fast else "torch"
+        fused = fast and kernel == "torch"
         rows_t = torch.where(owned, target_col, 0)  # [B]: a valid row everywhere; masked where not owned
 
-        if fast:
+        if fused:
             # Target cosines first, without autograd (the margin's statistics need them before any logit);
-            # their gradient is LinearMarginLogSumExp's, which echoes them.
+            # their gradient is LinearNegativeLogSumExp's, which echoes them.
             with torch.no_grad():
                 w_t = weight.index_select(0, rows_t).to(stat_dtype)  # [B, D]
                 w_norms = w_t.norm(dim=1).clamp_min(_EPS)  # [B]
@@ -637,23 +661,34 @@ class ShardedMarginClassifier(nn.Module):
         ))
         mctx = MarginContext(feature_norms=norms, labels=labels, target_cos=cos_all, weight_norms=w_norms)
 
-        if fast:
+        if fused:
             workspace = None if torch.compiler.is_compiling() else self._workspace
-            negative_lse, cos_target = LinearMarginLogSumExp.apply(
+            negative_lse, cos_target = LinearNegativeLogSumExp.apply(
                 embeddings, weight, cos_target, target_col, linear_scale, self.chunk_size, self.compute_dtype,
                 self.group, workspace,
             )
         # The owner of each row's class computes its target logit; the sum over ranks replicates it.
         target_local = torch.where(owned, self.margin.target_logit(cos_target, mctx).to(stat_dtype), 0.0)
         target_logits = all_reduce_sum_replicated_grad(target_local, self.group)  # [B]
-        if fast:
+        if fused:
             lse = torch.logaddexp(target_logits, negative_lse)
+        elif fast:  # the fused Triton kernels (kernels.linear_margin_logsumexp dispatches)
+            lse = linear_margin_logsumexp(
+                kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size,
+                self.compute_dtype, self.group, grad_filter=self.grad_filter,
+            )
         else:
             lse = _ShardedNegativeLogSumExp.apply(
                 embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunk_size,
                 self.compute_dtype, self.group,
             )
         return (lse - target_logits).mean() if num_rows else lse.sum()
+
+    def _kernel_for(self, embeddings: Tensor, weight: Tensor) -> str:
+        """``"torch"`` or ``"triton"`` for this step (decided on the host from static attributes on a CPU)."""
+        if self.kernel == "torch" or (self.kernel == "auto" and weight.device.type != "cuda"):
+            return "torch"
+        return resolve_kernel(self.kernel, embeddings, weight, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (

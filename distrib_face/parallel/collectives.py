@@ -12,6 +12,7 @@ promise makes the collective fail (gloo) or hang (NCCL), so only callers that kn
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -154,6 +155,30 @@ def all_reduce_sum_replicated_grad(tensor: Tensor, group: dist.ProcessGroup | No
     return _AllReduceSumSameGrad.apply(tensor, group)
 
 
+class _AllReduceSumBothWays(torch.autograd.Function):
+    """Sum over ranks whose result feeds *different* computations per rank: the backward sums too."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def all_reduce_sum_summed_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Differentiable all-reduce (sum) whose backward all-reduces the gradient (identity in a world of 1)."""
+    if world_size_of(group) == 1:
+        return tensor
+    return _AllReduceSumBothWays.apply(tensor, group)
+
+
 def all_reduce_tensor(tensor: Tensor, op: str = "sum", group: dist.ProcessGroup | None = None) -> Tensor:
     """Reduce ``tensor`` over ranks (``"sum"``, ``"max"``, ``"min"`` or ``"mean"``); returns a new tensor."""
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
@@ -168,6 +193,30 @@ def all_reduce_tensor(tensor: Tensor, op: str = "sum", group: dist.ProcessGroup 
     return out
 
 
+def broadcast_tensors_(tensors: list[Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, in place (no autograd).
+
+    Every rank passes tensors of the same shapes and dtypes in the same order. One broadcast per dtype:
+    the tensors of a dtype are flattened into one buffer, sent, and copied back.
+    """
+    if world_size_of(group) == 1 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    # the group's rank numbering: ``src`` is a rank of ``group``, broadcast wants the global rank
+    global_src = dist.get_global_rank(group, src) if group is not None else src
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        members = by_dtype[dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in members])
+        dist.broadcast(flat, src=global_src, group=group)
+        offset = 0
+        with torch.no_grad():
+            for tensor in members:
+                tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
+
+
 def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
     """Send a small picklable object from rank ``src`` to every rank (our own ranks only, never untrusted)."""
     if world_size_of(group) == 1:
@@ -175,3 +224,21 @@ def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = N
     holder = [obj]
     dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> list[Any]:
+    """Every rank's JSON-able ``obj``, in rank order (two small all-gathers; ``[obj]`` in a world of 1).
+
+    JSON, not pickle: what comes back is data, whatever another process sent. ``device`` is where the bytes
+    travel (the CPU for gloo, the rank's GPU for NCCL).
+    """
+    if world_size_of(group) == 1:
+        return [obj]
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    sizes = gather_sizes(payload.numel(), group, payload.device)
+    everyone = all_gather_variable(payload, group).cpu().numpy().tobytes()
+    out, start = [], 0
+    for size in sizes:
+        out.append(json.loads(everyone[start:start + size].decode()))
+        start += size
+    return out

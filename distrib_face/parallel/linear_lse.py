@@ -97,15 +97,16 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-class LinearMarginLogSumExp(torch.autograd.Function):
+class LinearNegativeLogSumExp(torch.autograd.Function):
     """``(log sum over all ranks' non-target classes of exp(s cos_ij), target cosines)`` with an analytic backward.
 
     Inputs: gathered raw embeddings ``[B, D]``, this rank's rows in use ``[R, D]`` (any float dtype: fp32,
     fp64, bf16 storage), each row's target cosine ``[B]`` (detached, 0 where not owned), each row's local
-    target column ``[B]`` (``-1`` when not on this rank), the scale ``s``, the chunk size, the matmul dtype
-    and the group. Outputs: the non-target log-sum-exp ``[B]`` (``-inf`` for a row with no negatives
-    anywhere) and the target cosines (equal to the input, differentiable). The statistics are combined with
-    one MAX and one SUM all-reduce of ``[B]``.
+    target column ``[B]`` (``-1`` when not on this rank), the scale ``s``, the chunk size, the matmul dtype,
+    the group, a :class:`Workspace` (or ``None``) and optionally ``valid`` ``[R]`` (bool): columns marked
+    False contribute nothing and get a zero weight gradient (``None``: all count). Outputs: the non-target
+    log-sum-exp ``[B]`` (``-inf`` for a row with no negatives anywhere) and the target cosines (equal to the
+    input, differentiable). The statistics are combined with one MAX and one SUM all-reduce of ``[B]``.
     """
 
     @staticmethod
@@ -120,8 +121,12 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         compute_dtype: torch.dtype | None,
         group: Any,
         workspace: Workspace | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         stat_dtype = target_cos.dtype
+        if valid is not None and valid.shape != (weight.shape[0],):
+            raise ValueError(f"valid must be [{weight.shape[0]}] (one flag per weight row), got {tuple(valid.shape)}")
+        invalid = None if valid is None else ~valid.to(torch.bool)
         mm_dtype = _matmul_dtype(weight, compute_dtype, stat_dtype)
         x_norm = embeddings.norm(dim=1, keepdim=True).clamp_min(_EPS)  # [B, 1]
         x_unit = embeddings / x_norm  # [B, D]
@@ -137,15 +142,17 @@ class LinearMarginLogSumExp(torch.autograd.Function):
             logits = _logits(x_mm, w, mm_dtype, stat_dtype, workspace)  # [B, c]
             logits.mul_(inv * scale)
             mask_targets_(logits, target_col, c0, float("-inf"))
+            if invalid is not None:
+                logits.masked_fill_(invalid[c0:c1], float("-inf"))
             stats.update(logits, consume=True)
         negative_lse = stats.logsumexp(group)  # [B]
-        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse)
+        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse, invalid)
         ctx.scale, ctx.chunk_size, ctx.compute_dtype, ctx.workspace = scale, chunk_size, compute_dtype, workspace
         return negative_lse, target_cos.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_lse: Tensor, grad_cos: Tensor) -> tuple[Tensor | None, ...]:
-        x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse = ctx.saved_tensors
+        x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse, invalid = ctx.saved_tensors
         stat_dtype = negative_lse.dtype
         mm_dtype = _matmul_dtype(weight, ctx.compute_dtype, stat_dtype)
         scale = ctx.scale
@@ -153,7 +160,8 @@ class LinearMarginLogSumExp(torch.autograd.Function):
         # shift (one pass fewer over the block) and its sign onto the [B, D] operands. A row without
         # negatives (lse = -inf) has only -inf logits, so any finite shift serves it.
         sign = torch.where(grad_lse < 0, -1.0, 1.0).to(stat_dtype)  # [B]
-        finite_lse = torch.where(torch.isfinite(negative_lse), negative_lse, torch.zeros_like(negative_lse))
+        # (A NaN statistic stays NaN: a diverged state must not pass for an empty row.)
+        finite_lse = torch.where(negative_lse == float("-inf"), torch.zeros_like(negative_lse), negative_lse)
         neg_shift = (torch.log(grad_lse.abs()) - finite_lse)[:, None]  # [B, 1]
         x_signed = _cast(x_unit * sign[:, None], mm_dtype)  # [B, D]
         grad_unit = torch.zeros_like(x_unit)
@@ -177,6 +185,8 @@ class LinearMarginLogSumExp(torch.autograd.Function):
             block = _block(workspace, num_rows, c1 - c0, stat_dtype, raw.device, "block2") if dots_from_block else raw
             torch.addcmul(neg_shift, raw, coef[None, :], out=block).exp_()  # |g| softmax
             mask_targets_(block, target_col, c0, 0.0)  # the target's share goes through grad_cos
+            if invalid is not None:
+                block.masked_fill_(invalid[c0:c1], 0.0)
             block.mul_(coef)  # |dL/draw|
             if exact:
                 grad_unit.addmm_(block, w)
@@ -210,7 +220,27 @@ class LinearMarginLogSumExp(torch.autograd.Function):
             grad_weight.index_put_((rows_t,), _cast(target_grad, grad_weight.dtype), accumulate=True)
         # Through u = x / ||x||: (I - u u^T) g / ||x||.
         grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
-        return grad_emb, grad_weight, None, None, None, None, None, None, None
+        return grad_emb, grad_weight, None, None, None, None, None, None, None, None
+
+
+class LinearMarginLogSumExp:
+    """``log(exp(T_i) + sum over all ranks' non-target classes of exp(s cos_ij))``: the full log-sum-exp.
+
+    The contract the fused Triton kernels implement (``kernels.TritonLinearMarginLogSumExp``), kept as the
+    torch reference for them: raw embeddings ``[B, D]``, the rows ``[R, D]``, the target logits ``[B]``
+    (summed over ranks, with gradient), each row's local target column (``-1`` elsewhere), the scale, the
+    chunk size, the matmul dtype, the group and optionally ``valid``. Built from
+    :class:`LinearNegativeLogSumExp` and ``logaddexp``, so both paths share one implementation.
+    """
+
+    @staticmethod
+    def apply(embeddings: Tensor, weight: Tensor, target_logits: Tensor, target_col: Tensor, scale: float,
+              chunk_size: int, compute_dtype: torch.dtype | None, group: Any, valid: Tensor | None = None) -> Tensor:
+        negative_lse, _ = LinearNegativeLogSumExp.apply(
+            embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale, chunk_size,
+            compute_dtype, group, None, valid,
+        )
+        return torch.logaddexp(target_logits, negative_lse)
 
 
 def _logits(x_mm: Tensor, w: Tensor, mm_dtype: torch.dtype, stat_dtype: torch.dtype, workspace: Workspace | None,

@@ -16,18 +16,21 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
 
 
-def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``(start, stop)`` of the classes rank ``rank`` holds: contiguous, sizes differ by at most one.
-
-    The first ``num_classes % world_size`` ranks hold one class more.
-    """
-    if num_classes < world_size:
-        raise ValueError(f"num_classes ({num_classes}) must be >= world size ({world_size}): every rank holds a class")
+def even_split(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous share of ``total`` items; sizes differ by at most one
+    (the first ``total % world_size`` ranks hold one more; a share may be empty when ``total < world_size``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
-    base, extra = divmod(num_classes, world_size)
+    base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of the classes rank ``rank`` holds: :func:`even_split`, and every rank holds a class."""
+    if num_classes < world_size:
+        raise ValueError(f"num_classes ({num_classes}) must be >= world size ({world_size}): every rank holds a class")
+    return even_split(num_classes, rank, world_size)
 
 
 def block_seed(seed: int, block: int) -> int:

@@ -10,8 +10,14 @@ from typing import Any
 
 PathLike = str | os.PathLike[str]
 
-#: Terminal statuses accepted by :meth:`Tracker.end` (MLflow's ``RunStatus`` names).
-END_STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED")
+#: The status of a run that a job left on purpose before its last step (``train.max_steps_this_run``): not
+#: FINISHED (the model is not the final one), not FAILED or KILLED (nothing went wrong, nobody stopped it), but
+#: "to be continued" -- MLflow's SCHEDULED ("scheduled to run at a later time"). The next job that resumes
+#: from its checkpoint sets it back to RUNNING.
+STOPPED_EARLY_STATUS = "SCHEDULED"
+
+#: Statuses accepted by :meth:`Tracker.end` (MLflow's ``RunStatus`` names).
+END_STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED", STOPPED_EARLY_STATUS)
 
 
 class Tracker(abc.ABC):
@@ -28,8 +34,13 @@ class Tracker(abc.ABC):
         """The run's id (keep it in checkpoints to continue the same run after a restart); None for no-op."""
 
     @abc.abstractmethod
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log a (nested) config as params with flattened keys ("optim.lr"); secrets are redacted."""
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log a (nested) config as params with flattened keys ("optim.lr"); secrets are redacted.
+
+        Returns:
+            ``{key: (logged value, new value)}`` for keys this run already holds with another value (MLflow
+            keeps the first; the change goes to the tag ``param_changed.<key>`` as ``"old -> new"``).
+        """
 
     @abc.abstractmethod
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -52,21 +63,56 @@ class Tracker(abc.ABC):
         """Set (or overwrite) run tags; values are stringified."""
 
     @abc.abstractmethod
-    def log_onnx_model(self, onnx_path: PathLike, name: str, register_as: str | None = None) -> str | None:
+    def log_onnx_model(
+        self, onnx_path: PathLike, name: str, register_as: str | None = None, step: int | None = None
+    ) -> str | None:
         """Log an exported ONNX file as an MLflow model (ONNX flavour, with its signature).
 
         Args:
             onnx_path: the ``.onnx`` file.
             name: the model's name within the run (e.g. "model").
             register_as: when given, also register it in the model registry under this name.
+            step: the training step the model is from: the run's metrics logged at this step (before this
+                call) become the model's metrics. ``None``: the last step any metric was logged at.
 
         Returns:
             The model URI to load it with (``mlflow.pyfunc.load_model(uri)``), or None for a no-op tracker.
         """
 
     @abc.abstractmethod
+    def record_resume(
+        self, config: Mapping[str, Any], step: int, world_size: int, checkpoint: PathLike | None = None
+    ) -> dict[str, tuple[str, str]]:
+        """Record that a job resumed this run at ``step``: what changed since the run's logged config.
+
+        Logs ``config`` as params (changed values get the tag ``param_changed.<key>`` = ``"old -> new"``),
+        sets the tag ``resumed_at_step_<step>`` = ``"world_size=<W>"`` and stores the artifact
+        ``resumes/step_<step>.yaml`` (step, world size, checkpoint, the changes, the whole config).
+
+        Returns:
+            The changes, as :meth:`log_params` returns them.
+        """
+
+    @abc.abstractmethod
+    def log_training_data(self, manifest: Any, name: str | None = None, context: str = "training") -> str | None:
+        """Log a shard set as an MLflow dataset input of the run (``mlflow.data``).
+
+        Args:
+            manifest: the :class:`~distrib_face.data.manifest.Manifest` of the training shards.
+            name: the dataset's name (default: :func:`~distrib_face.tracking.naming.dataset_name`).
+            context: the input's ``mlflow.data.context`` tag.
+
+        Returns:
+            The dataset's digest (the manifest's content hash, cut to MLflow's 36 characters), or None.
+        """
+
+    @abc.abstractmethod
     def end(self, status: str = "FINISHED") -> None:
-        """Mark the run terminated with ``status`` (FINISHED, FAILED or KILLED); later calls do nothing."""
+        """Mark the run terminated with ``status`` (one of :data:`END_STATUSES`); later calls do nothing.
+
+        ``SCHEDULED`` (:data:`STOPPED_EARLY_STATUS`) is for a job stopped before the run's last step on
+        purpose (``train.max_steps_this_run``): the run is to be continued.
+        """
 
     def log_artifacts(self, paths: Iterable[PathLike], subdir: str | None = None) -> None:
         """:meth:`log_artifact` for each of ``paths`` (e.g. the ROC PNGs the evaluation wrote)."""
@@ -94,8 +140,8 @@ class NoOpTracker(Tracker):
     def run_id(self) -> str | None:
         return None
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        return None
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        return {}
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         return None
@@ -112,7 +158,17 @@ class NoOpTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         return None
 
-    def log_onnx_model(self, onnx_path: PathLike, name: str, register_as: str | None = None) -> str | None:
+    def log_onnx_model(
+        self, onnx_path: PathLike, name: str, register_as: str | None = None, step: int | None = None
+    ) -> str | None:
+        return None
+
+    def record_resume(
+        self, config: Mapping[str, Any], step: int, world_size: int, checkpoint: PathLike | None = None
+    ) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def log_training_data(self, manifest: Any, name: str | None = None, context: str = "training") -> str | None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:

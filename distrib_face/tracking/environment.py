@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -79,4 +80,46 @@ def environment_tags(cwd: str | os.PathLike[str] | None = None) -> dict[str, str
     else:
         logger.debug("no git commit found from %s; the run gets no commit tag", cwd or Path.cwd())
     tags.update({f"versions.{name}": version for name, version in package_versions().items()})
+    return tags
+
+
+#: Set by Ray's job supervisor for the driver of a ``ray job submit`` job: JSON with ``metadata`` holding
+#: ``job_submission_id`` and ``job_name`` (ray/dashboard/modules/job/job_supervisor.py, Ray 2.60).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_job_tags(
+    environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Tags naming the Ray job this driver runs in: ``ray.job_submission_id`` (``raysubmit_...`` or the
+    ``--submission-id``), ``ray.job_name`` when it differs, and ``ray.entrypoint`` (this process's command
+    line, i.e. what followed ``--`` in ``ray job submit``). Empty outside a submitted job.
+
+    Args:
+        environ: the environment (default ``os.environ``).
+        argv: the command line (default ``sys.orig_argv``).
+    """
+    import json
+    import shlex
+    import sys
+
+    environ = os.environ if environ is None else environ
+    raw = environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        metadata = dict(json.loads(raw).get("metadata") or {})
+    except (ValueError, AttributeError, TypeError):
+        logger.warning("%s is not the JSON Ray writes; no Ray job tags", RAY_JOB_CONFIG_ENV)
+        return {}
+    tags: dict[str, str] = {}
+    submission_id = metadata.get("job_submission_id")
+    if submission_id:
+        tags["ray.job_submission_id"] = str(submission_id)
+    name = metadata.get("job_name")
+    if name and name != submission_id:
+        tags["ray.job_name"] = str(name)
+    command = list(argv if argv is not None else getattr(sys, "orig_argv", sys.argv))
+    if command:
+        tags["ray.entrypoint"] = shlex.join(command)
     return tags

@@ -1,69 +1,27 @@
 """Turning configs into MLflow params: flatten nested sections, stringify, truncate, and redact secrets.
 
 Everything here is pure Python (no MLflow import), so the rules can be tested and reused by any tracker.
+The redaction itself is :mod:`distrib_face.redact` (its names are re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
+
+from distrib_face.redact import REDACTED, is_secret_key, redact, redact_text, redact_value
+
+__all__ = [
+    "MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "REDACTED", "flatten_params", "is_secret_key",
+    "redact", "redact_text", "redact_value", "stringify", "truncate",
+]
 
 #: MLflow's limits (``mlflow.utils.validation``): longer values are rejected by the server.
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
-
-#: What replaces the value of a key that looks like a secret.
-REDACTED = "[REDACTED]"
-
-# Words that mark a key as a secret when they appear as a whole word of the key ("db_password",
-# "apiKey", "aws.secret_access_key"); "num_tokens" or "keep_last" are not secrets.
-_SECRET_WORDS = frozenset(
-    {
-        "password", "passwd", "pass", "pwd", "passphrase", "secret", "secrets", "token", "credential", "credentials",
-        "key", "apikey", "accesskey", "secretkey", "privatekey", "authtoken", "authorization",
-    }
-)
-_WORD_SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])")
-# "scheme://user:password@host" - the password part of a URL.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:)(?P<password>[^@/\s]+)(?P<tail>@)")
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether ``key`` (one config field name, or a dotted path) names something that must not be logged.
-
-    A key is secret when one of its words (split at non-alphanumerics and camelCase boundaries) is one of
-    password, passwd, pass, pwd, passphrase, secret(s), token, credential(s), key, apikey, accesskey, secretkey,
-    privatekey, authtoken, authorization.
-    """
-    words = [word.lower() for word in _WORD_SPLIT.split(str(key)) if word]
-    return any(word in _SECRET_WORDS for word in words)
-
-
-def redact_value(value: str) -> str:
-    """Mask the password of any ``scheme://user:password@host`` URL inside ``value``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{REDACTED}{m.group('tail')}", value)
-
-
-def redact(obj: Any) -> Any:
-    """Return a copy of ``obj`` with secrets obfuscated, at any depth.
-
-    Mappings: the value of every key that :func:`is_secret_key` flags becomes ``"[REDACTED]"`` (a whole
-    sub-mapping too, e.g. ``credentials: {...}``); strings anywhere have URL passwords masked; lists and
-    tuples are walked. Other values are returned as they are. The input is not modified.
-    """
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, Mapping):
-        return {key: (REDACTED if is_secret_key(str(key)) else redact(value)) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(value) for value in obj)
-    if isinstance(obj, str):
-        return redact_value(obj)
-    return obj
 
 
 def truncate(value: str, limit: int) -> str:

@@ -1,8 +1,9 @@
-"""PNG figures the trainer logs: the loss curve and the images-per-identity histogram.
+"""PNG figures the trainer logs: the training curves, metric panels and the class-size figure.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they
-work on headless workers and leave the caller's matplotlib state alone. ROC curves come from
-``distrib_face.eval.plot_roc``; log them with ``Tracker.log_artifacts(paths, subdir="plots")``.
+work on headless workers and leave the caller's matplotlib state alone. The class-size figure lives in
+:mod:`distrib_face.data.stats` (data may not import tracking; this module re-exports it). ROC curves come
+from ``distrib_face.eval.plot_roc``; log them with ``Tracker.log_artifacts(paths, subdir="plots")``.
 """
 
 from __future__ import annotations
@@ -10,30 +11,23 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from distrib_face.atomic import atomic_path
+from distrib_face.data.stats import class_size_histogram, plot_class_sizes
+
+__all__ = ["class_size_histogram", "plot_class_histogram", "plot_class_sizes", "plot_loss_curve",
+           "plot_training_curves", "training_curves_figure"]
 
 PathLike = str | os.PathLike[str]
-
-
-def _save(figure: "Figure", path: PathLike) -> Path:  # noqa: F821 - matplotlib imported lazily
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(figure)
-    with atomic_path(out) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    return out
 
 
 def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: PathLike) -> Path:
     """Plot each metric's history against the step, one panel per metric, sharing the step axis.
 
     Args:
-        history: ``{"loss": [(step, value), ...], "lr": [...]}`` (``MetricAggregator.history``).
+        history: ``{"loss": [(step, value), ...], "lr": [...]}`` (``distrib_face.parallel.metrics.MetricAggregator.history``).
         path: the PNG to write (folders are created).
 
     Returns:
@@ -42,12 +36,12 @@ def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
     Raises:
         ValueError: when ``history`` holds no points at all.
     """
-    from matplotlib.figure import Figure
+    from distrib_face.figures import new_figure, readable_log_axis, save_png
 
     series = {key: points for key, points in history.items() if len(points) > 0}
     if not series:
         raise ValueError(f"nothing to plot for {path}: the history {list(history)} has no points")
-    figure = Figure(figsize=(7, 2.4 * len(series) + 0.6))
+    figure = new_figure(7, 2.4 * len(series) + 0.6)
     axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (key, points) in zip(axes, sorted(series.items(), key=lambda item: (item[0] != "loss", item[0]))):
         steps, values = zip(*points)
@@ -57,69 +51,108 @@ def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
         positive = np.asarray(values, dtype=np.float64)
         if key == "lr" and np.all(positive[np.isfinite(positive)] > 0) and positive.max() / positive.min() > 100:
             ax.set_yscale("log")
+            readable_log_axis(ax.yaxis)
     axes[-1].set_xlabel("step")
     axes[0].set_title("training curves")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
-def class_size_histogram(
-    class_counts: Iterable[int] | Mapping[object, int], num_bins: int = 30
-) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram of images per identity on logarithmic bins.
-
-    Args:
-        class_counts: images of each identity (a sequence, or a mapping label -> count).
-        num_bins: at most this many log-spaced bins between 1 and the largest count (integer edges,
-            duplicates merged, so small ranges get one bin per count).
-
-    Returns:
-        ``(edges, num_identities)``: integer bin edges (length B+1; bin i holds counts in
-        ``[edges[i], edges[i+1])``, the last bin closed) and how many identities fall in each bin.
-        Identities with 0 images are not counted.
-    """
-    counts = np.asarray(list(class_counts.values()) if isinstance(class_counts, Mapping) else list(class_counts))
-    counts = counts.astype(np.int64)
-    if counts.size == 0:
-        raise ValueError("class_counts is empty")
-    if np.any(counts < 0):
-        raise ValueError(f"class_counts has negative entries, e.g. {counts[counts < 0][:3].tolist()}")
-    counts = counts[counts > 0]
-    top = int(counts.max()) if counts.size else 1
-    edges = np.unique(np.floor(np.geomspace(1, top + 1, num_bins + 1)).astype(np.int64))
-    if edges[-1] < top + 1:
-        edges = np.append(edges, top + 1)
-    hist, _ = np.histogram(counts, bins=edges)
-    return edges, hist
-
-
-def plot_class_histogram(class_counts: Iterable[int] | Mapping[object, int], path: PathLike) -> Path:
-    """Plot how many identities have how many images, on log-log axes (a long tail shows as a slope).
-
-    Args:
-        class_counts: images of each identity (``Manifest.class_counts``).
-        path: the PNG to write (folders are created).
+def plot_class_histogram(class_counts: Iterable[int] | Mapping[object, int], path: PathLike, title: str = "") -> Path:
+    """The class-size figure of :func:`distrib_face.data.stats.plot_class_sizes` (one implementation for the
+    trainer and ``distrib-face data stats``): log-binned histogram and rank-size curve, log-log axes.
 
     Returns:
         ``path`` as a ``Path``.
     """
-    from matplotlib.figure import Figure
+    return plot_class_sizes(class_counts, path, title=title)
 
-    edges, hist = class_size_histogram(class_counts)
-    values = np.asarray(list(class_counts.values()) if isinstance(class_counts, Mapping) else list(class_counts))
-    figure = Figure(figsize=(6, 4))
-    ax = figure.subplots()
-    nonzero = hist > 0
-    widths = np.diff(edges)
-    ax.bar(edges[:-1][nonzero], hist[nonzero], width=widths[nonzero], align="edge", edgecolor="black", linewidth=0.5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("images per identity")
-    ax.set_ylabel("identities")
-    ax.set_title(
-        f"{values.size} identities, {int(values.sum())} images "
-        f"(min {int(values.min())}, median {float(np.median(values)):g}, max {int(values.max())})"
-    )
-    ax.grid(True, which="both", alpha=0.3)
+
+def plot_training_curves(
+    loss_history: Sequence[Sequence[float]],
+    path: PathLike,
+    lr_history: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]] | None = None,
+    eval_history: Sequence[Sequence[Any]] | None = None,
+    title: str = "training",
+) -> Path:
+    """Write :func:`training_curves_figure` as a PNG at ``path`` (folders are created); returns ``path``."""
+    from distrib_face.figures import save_png
+
+    try:
+        figure = training_curves_figure(loss_history, lr_history, eval_history, title)
+    except ValueError as err:
+        raise ValueError(f"nothing to plot for {path}: {err}") from None
+    return save_png(figure, path)
+
+
+def training_curves_figure(
+    loss_history: Sequence[Sequence[float]],
+    lr_history: Sequence[Sequence[float]] | Mapping[str, Sequence[Sequence[float]]] | None = None,
+    eval_history: Sequence[Sequence[Any]] | None = None,
+    title: str = "training",
+) -> Any:
+    """One figure of a training run over its steps: loss, learning rate, verification accuracy.
+
+    Panels without data are left out; the panels share the step axis.
+
+    Args:
+        loss_history: ``[(step, loss), ...]`` (the trainer's ``loss_history``: the logged ``loss`` metric).
+        lr_history: ``[(step, lr), ...]``, or ``{"backbone": [...], "classifier": [...]}`` for several.
+        eval_history: ``[(step, {pair set: accuracy}), ...]`` (the trainer's ``eval_history``); accuracy in
+            [0, 1], drawn in percent.
+        title: the figure's title.
+
+    Returns:
+        A matplotlib ``Figure`` on an Agg canvas (7.5 inches wide, 2.3 inches per panel).
+
+    Raises:
+        ValueError: when no history holds a point.
+    """
+    from distrib_face.figures import new_figure, readable_log_axis
+
+    lr_series = lr_history if isinstance(lr_history, Mapping) else ({"lr": lr_history} if lr_history else {})
+    lr_series = {name: list(points) for name, points in lr_series.items() if points is not None and len(points)}
+    accuracy: dict[str, list[tuple[int, float]]] = {}
+    for step, per_set in eval_history or []:
+        for name, value in dict(per_set).items():
+            if value is not None and np.isfinite(value):
+                accuracy.setdefault(str(name), []).append((int(step), 100.0 * float(value)))
+    panels = [kind for kind, present in (("loss", len(loss_history) > 0), ("lr", bool(lr_series)),
+                                         ("accuracy", bool(accuracy))) if present]
+    if not panels:
+        raise ValueError("the loss, learning-rate and verification histories are empty")
+    figure = new_figure(7.5, 2.3 * len(panels) + 0.7)
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, kind in zip(axes, panels):
+        if kind == "loss":
+            steps, values = _columns(loss_history)
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.3)
+            ax.set_ylabel("loss")
+            finite = values[np.isfinite(values) & (values > 0)]
+            if finite.size and finite.max() / finite.min() > 20:
+                ax.set_yscale("log")
+                readable_log_axis(ax.yaxis)
+        elif kind == "lr":
+            for name, points in lr_series.items():
+                steps, values = _columns(points)
+                ax.plot(steps, values, linewidth=1.3, label=name)
+            ax.set_ylabel("learning rate")
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+            if len(lr_series) > 1:
+                ax.legend(fontsize=8)
+        else:
+            for name, points in sorted(accuracy.items()):
+                steps, values = _columns(points)
+                ax.plot(steps, values, marker="o", markersize=4, linewidth=1.3, label=f"{name} ({values[-1]:.2f}%)")
+            ax.set_ylabel("verification\naccuracy (%)")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
+
+
+def _columns(points: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray([(float(p[0]), float(p[1])) for p in points], dtype=np.float64).reshape(-1, 2)
+    return array[:, 0], array[:, 1]

@@ -1,6 +1,7 @@
 """``distrib-face bench train``: images per second and peak memory of the full training step.
 
-The step is :class:`~distrib_face.train.loop.StepRunner`'s, exactly what :func:`run_training` runs:
+The step is :class:`~distrib_face.train.step.StepRunner`'s on :func:`~distrib_face.train.components.build_components`'s
+parts, exactly what the trainer runs:
 backbone forward under DeepSpeed, class-sharded margin softmax, backward, backbone and class-shard
 optimiser steps. "with data" draws each batch from the configured loader (decode, augment, copy to the
 device included); "no data" reuses one batch already on the device, so the difference is what the input
@@ -19,6 +20,10 @@ from typing import Any
 import torch
 
 from distrib_face.config import Config
+from distrib_face.parallel import ProcessContext
+from distrib_face.train.components import build_components, seed_everything
+from distrib_face.train.schedule import set_learning_rates
+from distrib_face.train.step import StepRunner
 
 logger = logging.getLogger(__name__)
 
@@ -36,37 +41,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(cfg: Config, ctx: Any, *, steps: int = 20, warmup: int = 3, with_data: bool = True) -> dict[str, Any]:
+def bench_train(cfg: Config, ctx: ProcessContext, *, steps: int = 20, warmup: int = 3,
+                with_data: bool = True) -> dict[str, Any]:
     """Time ``steps`` optimiser steps after ``warmup`` untimed ones (collective: every rank calls it).
 
     Returns:
-        ``{"mode", "steps", "global_batch", "median_step_ms", "img_s", "peak_memory_mb", "peak_memory_kind"}``;
-        ``img_s`` counts the images of all ranks per second of the median step.
+        ``{"mode", "steps", "global_batch", "median_step_ms", "images_per_sec", "peak_memory_mb", "peak_memory_kind"}``;
+        ``images_per_sec`` counts the images of all ranks per second of the median step.
     """
-    from distrib_face.train.data import build_train_data
-    from distrib_face.train.engine import build_backbone, build_engine
-    from distrib_face.train.loop import StepRunner, build_classifier, seed_everything
-    from distrib_face.train.schedule import peak_learning_rates, set_learning_rates
-
     seed_everything(cfg.train.seed, deterministic=False)
-    data = build_train_data(cfg, ctx.rank, ctx.world_size, ctx.device)
-    backbone = build_backbone(cfg)
-    backbone_lr, classifier_lr = peak_learning_rates(cfg, ctx.world_size)
-    bundle = build_engine(cfg, backbone, backbone_lr, ctx.device, ctx.world_size)
-    if cfg.model.compile:
-        bundle.engine.compile()
-    classifier, shard_optimizer = build_classifier(cfg, data.num_classes, ctx)
-    set_learning_rates([bundle.optimizer, shard_optimizer], [backbone_lr, classifier_lr], 1.0)
-    runner = StepRunner(cfg, ctx, bundle.engine, classifier, shard_optimizer, bundle.input_dtype)
-
-    iterator = iter(data.loader)
+    parts = build_components(cfg, ctx, tracking=False)
+    set_learning_rates(parts.optimizers, parts.peaks, 1.0)
+    runner = StepRunner(cfg, ctx, parts)
+    loader = parts.data.loader
+    iterator = iter(loader)
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal iterator
         try:
             return next(iterator)
         except StopIteration:
-            iterator = iter(data.loader)
+            iterator = iter(loader)
             return next(iterator)
 
     fixed = None
@@ -93,7 +88,7 @@ def bench_train(cfg: Config, ctx: Any, *, steps: int = 20, warmup: int = 3, with
         "steps": steps,
         "global_batch": global_batch,
         "median_step_ms": median * 1000,
-        "img_s": global_batch / median,
+        "images_per_sec": global_batch / median,
         "peak_memory_mb": _peak_memory_mb(ctx.device),
         "peak_memory_kind": "cuda max allocated" if ctx.device.type == "cuda" else "process peak RSS",
     }

@@ -1,18 +1,33 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+"""Training checkpoints: everything needed to continue a run exactly, written atomically, read without unpickling.
 
 Layout of ``<output_dir>/checkpoints/``::
 
     latest                      # text: the name of the newest complete checkpoint (replaced atomically)
     step_000000120/
         trainer.json            # step, micro-step, epoch, samples seen, world size, MLflow run id, loss history,
-                                # the LR schedule's step, the config (also as config.yaml)
+                                # the LR schedule's step, rollbacks and LR scale (train.on_divergence), the config
+                                # (also as config.yaml), secrets redacted
         config.yaml
-        deepspeed_config.json   # the resolved DeepSpeed config the engine ran with
+        deepspeed_config.json   # the resolved DeepSpeed config the engine ran with (written, never read back),
+                                # secrets redacted
         backbone.pt             # the consolidated fp32 backbone (distrib_face.models.save_backbone format)
-        deepspeed/engine/...    # engine.save_checkpoint: module, backbone optimiser (ZeRO partitions per rank)
+        engine/module.pt        # the engine's module state and step counters (distrib_face.train.engine_state)
+        engine/optimizer-RRRRR-of-WWWWW.pt   # the backbone optimiser (ZeRO 1/2: this rank's partition)
         classifier/classifier-RRRRR-of-WWWWW.pt   # class shards + ShardOptimizer state (parallel.checkpoint)
         ranks/rank_RRRRR.json   # this rank's data-loader position and Python RNG state
         ranks/rank_RRRRR_rng.pt # this rank's torch (and CUDA) and numpy RNG states
+        ranks/rank_RRRRR_aux.pt # the auxiliary losses' state and optimiser (when configured)
+
+Safe to load: every ``.pt`` holds only tensors and plain values and is read with
+``torch.load(weights_only=True)`` (:func:`distrib_face.safe_load.safe_torch_load`); the rest is JSON. A file
+that asks for more (a pickled class or call) is refused with :class:`UnsafeCheckpointError` naming it,
+before anything in it runs. DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` are not used: they
+pickle DeepSpeed objects and load with ``weights_only=False`` (see :mod:`distrib_face.train.engine_state`).
+
+Finite to publish: before anything is written, every parameter, buffer and optimiser state is checked
+finite (:func:`distrib_face.train.divergence.find_non_finite`: one all-reduce); a non-finite state raises
+:class:`~distrib_face.train.divergence.NonFiniteStateError` on every rank and publishes nothing, so
+``latest`` always names a finite checkpoint.
 
 Every rank writes its parts into ``step_N.tmp/``; after a barrier rank 0 fsyncs the files, renames the
 folder to ``step_N/`` and replaces ``latest``. A crash at any point leaves either the previous checkpoint
@@ -29,24 +44,52 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from distrib_face.atomic import fsync_dir, fsync_tree, write_text
 from distrib_face.parallel import barrier
+from distrib_face.safe_load import UnsafeFileError, safe_torch_load
+from distrib_face.train import engine_state
+from distrib_face.train.divergence import (
+    NonFiniteStateError,
+    find_non_finite,
+    non_finite_state_error,
+)
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    
+    from distrib_face.parallel import ProcessContext, ShardedMarginClassifier
+    from distrib_face.parallel.optim import ShardOptimizer
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+ENGINE_DIR = "engine"
 TRAINER_FILE = "trainer.json"
 FORMAT = "distrib_face.train_checkpoint"
 VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete or does not fit this run; the message names the path."""
+    """A checkpoint folder is missing, incomplete or does not fit this run; the message names the path (exit 2)."""
+
+    exit_code = 2
+
+
+class UnsafeCheckpointError(CheckpointError, UnsafeFileError):
+    """A checkpoint file asks for more than tensors and plain values; refused before anything in it runs.
+
+    Raised on every rank alike (a rank that read a good copy raises it too); the message names the file.
+    """
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        ValueError.__init__(self, message)
+        self.path = path
+        self.reason = message
 
 
 @dataclass(kw_only=True)
@@ -64,7 +107,10 @@ class TrainerState:
         world_size: ranks that wrote the checkpoint.
         run_id: the MLflow run id, so a resumed run continues the same MLflow run.
         loss_history: ``[step, loss]`` pairs of the logged steps (for the loss curve).
+        lr_history: ``[step, backbone lr, classifier lr]`` of the logged steps (for the training figure).
         eval_history: ``[step, {name: accuracy}]`` of the verifications so far.
+        rollbacks: how often ``train.on_divergence: rollback`` went back to an earlier checkpoint.
+        lr_scale: what multiplies both peak learning rates (``train.rollback_lr_factor`` per rollback; 1.0).
     """
 
     step: int = 0
@@ -77,7 +123,10 @@ class TrainerState:
     world_size: int = 1
     run_id: str | None = None
     loss_history: list[list[float]] = field(default_factory=list)
+    lr_history: list[list[float]] = field(default_factory=list)
     eval_history: list[list[Any]] = field(default_factory=list)
+    rollbacks: int = 0
+    lr_scale: float = 1.0
 
 
 def step_dirname(step: int) -> str:
@@ -133,10 +182,10 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def save_checkpoint(
     root: str | os.PathLike,
     *,
-    ctx: Any,
-    engine: Any,
-    classifier: Any,
-    shard_optimizer: Any,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     trainer_state: TrainerState,
     loader_state: dict[str, Any] | None,
     config: dict[str, Any],
@@ -144,6 +193,7 @@ def save_checkpoint(
     backbone_file: tuple[Any, str, dict[str, Any]] | None,
     keep: int = 0,
     auxiliary: tuple[Any, Any] = (None, None),
+    before_publish: Callable[[], None] | None = None,
 ) -> Path:
     """Write one checkpoint under ``root`` (collective: every rank calls it at the same step).
 
@@ -160,9 +210,15 @@ def save_checkpoint(
         keep: keep only this many newest step checkpoints (0: all).
         auxiliary: ``(module, optimizer)`` of the auxiliary losses (their class centres are sharded like the
             classifier, so each rank writes its own ``ranks/rank_RRRRR_aux.pt``), or ``(None, None)``.
+        before_publish: called on every rank once every part is written, before the folder is published
+            (the test-only "killed in the middle of a checkpoint" fault).
 
     Returns:
         The final checkpoint folder (the same path on every rank).
+
+    Raises:
+        NonFiniteStateError: on every rank, when any rank's state holds NaN / Inf (see
+            :func:`check_finite_state`); nothing was written and ``latest`` still names the last good one.
     """
     from distrib_face.models import save_backbone
     from distrib_face.parallel.checkpoint import save_shard
@@ -170,12 +226,23 @@ def save_checkpoint(
     root = Path(root)
     final = root / step_dirname(trainer_state.step)
     tmp = root / f"{final.name}.tmp"
+    engine_snapshot = engine_state.capture(engine, ctx.rank, ctx.world_size)
+    aux_state = _aux_state(auxiliary)
+    # Nothing is written before the state is known finite on every rank: `latest` only ever names a finite one.
+    try:
+        _raise_if_non_finite(root, engine_snapshot, classifier, shard_optimizer, aux_state, ctx=ctx,
+                             step=trainer_state.step)
+    except NonFiniteStateError:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a stale attempt at this step
+        barrier(ctx.group)  # every rank raises with the folder already clean
+        raise
     if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ctx.group)
     tmp.mkdir(parents=True, exist_ok=True)  # ranks on another file system than rank 0
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
+    engine_state.save(tmp / ENGINE_DIR, engine_snapshot)
     save_shard(tmp / "classifier", classifier, shard_optimizer)
     ranks_dir = tmp / "ranks"
     ranks_dir.mkdir(exist_ok=True)
@@ -185,22 +252,25 @@ def save_checkpoint(
         "python_rng": _python_rng_to_json(random.getstate()),
     }))
     torch.save(capture_rng_state(ctx.device), ranks_dir / f"{rank_name}_rng.pt")
-    aux_module, aux_optimizer = auxiliary
-    if aux_module is not None:
-        torch.save({"module": aux_module.state_dict(),
-                    "optimizer": aux_optimizer.state_dict() if aux_optimizer is not None else None},
-                   ranks_dir / f"{rank_name}_aux.pt")
+    if aux_state is not None:
+        torch.save(_to_cpu(aux_state), ranks_dir / f"{rank_name}_aux.pt")
     if ctx.rank == 0:
         if backbone_file is not None:
             module, name, kwargs = backbone_file
             save_backbone(tmp / "backbone.pt", module, name, kwargs)
         import yaml
 
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (tmp / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True))
-        payload = {"format": FORMAT, "version": VERSION, **asdict(trainer_state), "config": config}
+        from distrib_face.redact import redact
+
+        # The config travels with the checkpoint (Ray uploads it, people copy it): never its secrets. Resuming
+        # reads only the counters; the run's own config (with its secrets) comes from the YAML.
+        (tmp / "config.yaml").write_text(yaml.safe_dump(redact(config), sort_keys=False))
+        (tmp / "deepspeed_config.json").write_text(json.dumps(redact(ds_config), indent=2, sort_keys=True))
+        payload = {"format": FORMAT, "version": VERSION, **asdict(trainer_state), "config": redact(config)}
         (tmp / TRAINER_FILE).write_text(json.dumps(payload, indent=1))
     barrier(ctx.group)
+    if before_publish is not None:
+        before_publish()
     if ctx.rank == 0:
         _publish(root, tmp, final)
     barrier(ctx.group)
@@ -211,6 +281,82 @@ def save_checkpoint(
     barrier(ctx.group)
     logger.info("rank %d: checkpoint %s written", ctx.rank, final)
     return final
+
+
+def check_finite_state(
+    root: str | os.PathLike,
+    *,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
+    step: int,
+    auxiliary: tuple[Any, Any] = (None, None),
+) -> None:
+    """Raise :class:`NonFiniteStateError` on every rank when any rank's state holds NaN / Inf (collective).
+
+    What :func:`save_checkpoint` checks before it writes anything, callable on its own (e.g. every
+    ``train.log_every`` steps): the backbone's parameters, buffers and optimiser state, the class shard, its
+    margin state and optimiser, the auxiliary losses and their optimiser. One ``aminmax`` per tensor, one
+    all-reduce and one host read when all is finite.
+
+    Args:
+        root: the checkpoints folder (the error names its newest checkpoint as the last good one).
+        step: the optimiser step, for the message.
+    """
+    _raise_if_non_finite(Path(root), engine_state.capture(engine, ctx.rank, ctx.world_size), classifier,
+                         shard_optimizer, _aux_state(auxiliary), ctx=ctx, step=step, saving=False)
+
+
+def _raise_if_non_finite(root: Path, engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
+                         aux_state: dict[str, Any] | None, *, ctx: Any, step: int, saving: bool = True) -> None:
+    findings = find_non_finite(_named_state(engine_snapshot, classifier, shard_optimizer, aux_state), ctx)
+    if findings:
+        raise non_finite_state_error(findings, step=step, refused=root / step_dirname(step) if saving else None,
+                                     last_good=_last_good(root))
+
+
+def _aux_state(auxiliary: tuple[Any, Any]) -> dict[str, Any] | None:
+    module, optimizer = auxiliary
+    if module is None:
+        return None
+    return {"module": module.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+
+
+def _named_state(engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
+                 aux_state: dict[str, Any] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor a checkpoint of this rank holds, named for the divergence message."""
+    yield from engine_snapshot.named_tensors()
+    for key, value in classifier.state_dict().items():
+        yield f"classifier {key}", value
+    if shard_optimizer is not None:
+        for key, value in shard_optimizer.state_dict()["buffers"].items():
+            yield f"classifier optimizer {key}", value
+    if aux_state is not None:
+        for key, value in aux_state["module"].items():
+            yield f"auxiliary {key}", value
+        if aux_state["optimizer"] is not None:
+            for index, values in aux_state["optimizer"]["state"].items():
+                for key, value in values.items():
+                    if isinstance(value, torch.Tensor):
+                        yield f"auxiliary optimizer state[{index}].{key}", value
+
+
+def _last_good(root: Path) -> Path | None:
+    try:
+        return resolve_checkpoint(root)
+    except CheckpointError:
+        return None
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -272,22 +418,79 @@ def read_trainer_state(path: Path) -> tuple[TrainerState, dict[str, Any]]:
 def load_checkpoint(
     path: str | os.PathLike,
     *,
-    ctx: Any,
-    engine: Any,
-    classifier: Any,
-    shard_optimizer: Any,
+    ctx: ProcessContext,
+    engine: DeepSpeedEngine,
+    classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
     auxiliary: tuple[Any, Any] = (None, None),
 ) -> LoadedCheckpoint:
-    """Restore a checkpoint in place (collective: every rank calls it).
+    """Restore a checkpoint in place, into fresh or live (already trained) components (collective).
 
-    Restores the backbone and its optimiser (through DeepSpeed), the class shards and their optimiser (any
-    saving world size: ``load_shard_from_dir`` reshards), and, at the same world size, this rank's RNG
-    states. The loader position is returned, not applied: the caller re-derives it when the world size
-    changed (see :func:`distrib_face.train.data.restore_loader`).
+    Restores the backbone's module and optimiser (:mod:`distrib_face.train.engine_state`), the class shards
+    and their optimiser (any saving world size: ``load_shard_from_dir`` reshards), the auxiliary losses
+    and, at the same world size, this rank's RNG states; gradients left in live components are dropped.
+    The loader position is returned, not applied: the caller re-derives it when the world size changed
+    (see :func:`distrib_face.train.data.restore_loader`). Call it at an optimiser-step boundary.
 
-    With ZeRO stage >= 1 and a different world size, DeepSpeed cannot re-partition the backbone's optimiser
-    state: the backbone weights are restored and its optimiser state (momentum) starts afresh, with a warning.
+    With ZeRO stage >= 1 and a different world size, a saved optimiser partition does not fit the new
+    ranks: the backbone weights are restored and its optimiser state (momentum) starts afresh, with a warning.
+
+    Every rank ends the same way: when any rank cannot read or apply its part, every rank raises (the
+    message of the lowest failing rank), so that no rank waits forever in the next collective.
+
+    Raises:
+        UnsafeCheckpointError: a file would need an unrestricted unpickler (nothing in it ran).
+        CheckpointError: a file is missing, damaged or does not fit this run; the message names it.
     """
+    error: BaseException | None = None
+    loaded: LoadedCheckpoint | None = None
+    try:
+        loaded = _load_local(path, ctx=ctx, engine=engine, classifier=classifier, shard_optimizer=shard_optimizer,
+                             auxiliary=auxiliary)
+    except Exception as err:  # noqa: BLE001 - every rank must learn of it before anyone raises (see below)
+        error = err
+    _agree(error, ctx)
+    assert loaded is not None
+    logger.info("rank %d: resumed from %s at step %d", ctx.rank, loaded.path, loaded.trainer_state.step)
+    return loaded
+
+
+_EXPECTED_LOAD_ERRORS = (CheckpointError, UnsafeFileError, engine_state.EngineStateError, ValueError, OSError,
+                         RuntimeError, KeyError)
+
+
+def _agree(error: BaseException | None, ctx: ProcessContext) -> None:
+    """Raise on every rank when any rank failed (one all-reduce when all went well)."""
+    from distrib_face.parallel.collectives import all_reduce_tensor, broadcast_object
+
+    flags = torch.zeros(ctx.world_size, dtype=torch.float32, device=ctx.device)  # [W]: 1 where a rank failed
+    flags[ctx.rank] = float(error is not None)
+    failed = [rank for rank, flag in enumerate(all_reduce_tensor(flags, "sum", ctx.group).tolist()) if flag]
+    if not failed:
+        return
+    first = failed[0]
+    mine = None
+    if ctx.rank == first:
+        mine = (str(error), isinstance(error, UnsafeFileError), isinstance(error, _EXPECTED_LOAD_ERRORS))
+    message, unsafe, expected = broadcast_object(mine, src=first, group=ctx.group)
+    if ctx.world_size > 1:
+        others = f" and on rank(s) {failed[1:]}" if len(failed) > 1 else ""
+        message = f"{message} (rank {first}{others})"
+    if error is not None and not isinstance(error, _EXPECTED_LOAD_ERRORS):
+        raise error  # a bug, not a bad checkpoint: keep its traceback
+    if unsafe:
+        raise UnsafeCheckpointError(message, getattr(error, "path", None)) from error
+    if expected:
+        raise CheckpointError(message) from error
+    raise RuntimeError(f"loading the checkpoint failed on rank {first}: {message}") from error
+
+
+def _load_local(
+    path: str | os.PathLike, *, ctx: ProcessContext, engine: DeepSpeedEngine, classifier: ShardedMarginClassifier,
+    shard_optimizer: ShardOptimizer,
+    auxiliary: tuple[Any, Any],
+) -> LoadedCheckpoint:
+    """This rank's part of :func:`load_checkpoint`: no collectives, so a failure cannot leave other ranks waiting."""
     from distrib_face.parallel.checkpoint import load_shard_from_dir
 
     resolved = resolve_checkpoint(path)
@@ -295,20 +498,15 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: no checkpoint here (neither {TRAINER_FILE} nor a {LATEST} pointer)")
     state, config = read_trainer_state(resolved)
     same_world = state.world_size == ctx.world_size
-    reset_optimizer = not same_world and engine.zero_optimization_stage() > 0
-    if reset_optimizer:
-        logger.warning(
-            "%s was written by %d ranks, this run has %d: DeepSpeed cannot re-partition ZeRO stage %d "
-            "optimiser state, so the backbone's weights are restored and its optimiser state starts afresh",
-            resolved, state.world_size, ctx.world_size, engine.zero_optimization_stage(),
-        )
-    load_path, _ = engine.load_checkpoint(
-        str(resolved / "deepspeed"), tag="engine", load_optimizer_states=not reset_optimizer,
-        load_lr_scheduler_states=False, load_module_only=reset_optimizer,
-    )
-    if load_path is None:
-        raise CheckpointError(f"{resolved / 'deepspeed'}: DeepSpeed found no engine checkpoint to load")
+    engine_dir = resolved / ENGINE_DIR
+    if not engine_dir.is_dir():
+        legacy = " (DeepSpeed's own format, written before distrib_face read engines safely)" \
+            if (resolved / "deepspeed").is_dir() else ""
+        raise CheckpointError(f"{engine_dir}: missing: this checkpoint holds no engine state{legacy}")
+    engine_state.load(engine_dir, engine, ctx.rank, ctx.world_size)
     load_shard_from_dir(resolved / "classifier", classifier, shard_optimizer)
+    if shard_optimizer is not None:
+        shard_optimizer.zero_grad()
     loader_states: list[dict[str, Any] | None] = []
     for rank in range(state.world_size):
         rank_file = resolved / "ranks" / f"rank_{rank:05d}.json"
@@ -318,12 +516,29 @@ def load_checkpoint(
             raise CheckpointError(f"{rank_file}: cannot read the rank state: {err}") from err
     if same_world:
         rank_name = f"rank_{ctx.rank:05d}"
-        random.setstate(_python_rng_from_json(json.loads((resolved / "ranks" / f"{rank_name}.json").read_text())["python_rng"]))
-        rng = torch.load(resolved / "ranks" / f"{rank_name}_rng.pt", map_location="cpu", weights_only=True)
+        rank_file = resolved / "ranks" / f"{rank_name}.json"
+        try:
+            python_rng = _python_rng_from_json(json.loads(rank_file.read_text())["python_rng"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{rank_file}: cannot read the Python RNG state: {err}") from err
+        rng = _read_pt(resolved / "ranks" / f"{rank_name}_rng.pt", "RNG state")
+        random.setstate(python_rng)
         restore_rng_state(rng, ctx.device)
     _load_auxiliary(resolved / "ranks" / f"rank_{ctx.rank:05d}_aux.pt", auxiliary, same_world)
-    logger.info("rank %d: resumed from %s at step %d", ctx.rank, resolved, state.step)
-    return LoadedCheckpoint(path=resolved, trainer_state=state, config=config, loader_states=loader_states, same_world=same_world)
+    return LoadedCheckpoint(path=resolved, trainer_state=state, config=config, loader_states=loader_states,
+                            same_world=same_world)
+
+
+def _read_pt(path: Path, what: str) -> Any:
+    """A checkpoint ``.pt`` read safely; an unsafe file raises :class:`UnsafeCheckpointError` naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing: the checkpoint has no {what} for this rank")
+    try:
+        return safe_torch_load(path)
+    except UnsafeFileError as err:
+        raise UnsafeCheckpointError(str(err), path) from err
+    except Exception as err:  # noqa: BLE001 - torch raises many types on a damaged file; re-raised naming it
+        raise CheckpointError(f"{path}: cannot read the {what}: {type(err).__name__}: {err}") from err
 
 
 def _load_auxiliary(path: Path, auxiliary: tuple[Any, Any], same_world: bool) -> None:
@@ -331,6 +546,8 @@ def _load_auxiliary(path: Path, auxiliary: tuple[Any, Any], same_world: bool) ->
     module, optimizer = auxiliary
     if module is None:
         return
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     if not path.is_file():
         logger.warning("%s: no auxiliary-loss state in this checkpoint: the auxiliary losses start afresh", path)
         return
@@ -338,7 +555,10 @@ def _load_auxiliary(path: Path, auxiliary: tuple[Any, Any], same_world: bool) ->
         # Their class centres are cut by rank like the classifier's rows; they are re-learnt rather than resharded.
         logger.warning("the world size changed: the auxiliary losses' class centres start afresh")
         return
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(saved["module"])
-    if optimizer is not None and saved["optimizer"] is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+    saved = _read_pt(path, "auxiliary-loss state")
+    try:
+        module.load_state_dict(saved["module"])
+        if optimizer is not None and saved["optimizer"] is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: does not fit the configured auxiliary losses: {err}") from err

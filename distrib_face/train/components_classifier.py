@@ -1,4 +1,4 @@
-"""The class shard and its optimizer, built from the config: what ``build_classifier`` of the trainer calls.
+"""The class shard and its optimizer, built from the config: what the trainer's ``build_classifier`` calls.
 
 :func:`classifier_kwargs` maps the ``loss`` section (and the process context) onto
 :class:`~distrib_face.parallel.ShardedMarginClassifier`'s arguments, including the storage dtype
@@ -54,6 +54,8 @@ def classifier_kwargs(cfg: Config, ctx: Any, equal_batches: bool = True) -> dict
         embedding_grad_scale=float(ctx.world_size),
         equal_batches=equal_batches,
         offload=loss.offload,
+        kernel=loss.kernel,
+        grad_filter=loss.grad_filter,
     )
     if loss.chunk_size is not None:
         kwargs["chunk_size"] = loss.chunk_size

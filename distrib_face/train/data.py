@@ -19,13 +19,45 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from distrib_face.config import Config
 
+if TYPE_CHECKING:
+    from distrib_face.data.manifest import Manifest
+
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the trainer draws batches from: the shard loader (:class:`distrib_face.data.TrainLoader`) and
+    :class:`RandomBatches` both satisfy it.
+
+    Iterating yields one epoch of ``(images [B, 3, H, W] float, labels [B] int64)`` on this rank; after a full
+    pass the source is at the next epoch. ``state_dict`` / ``load_state_dict`` carry the position, JSON-able.
+    """
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the current epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read ``epoch`` next, from its start."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, JSON-able."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output."""
 
 
 class RandomBatches:
@@ -97,9 +129,9 @@ class RandomBatches:
 class TrainData:
     """The loader and what the trainer needs to know about the data."""
 
-    loader: Any
+    loader: BatchSource
     num_classes: int
-    manifest: Any | None
+    manifest: Manifest | None
     """The shard manifest (``source: shards``), for the class-size histogram."""
 
 
@@ -116,11 +148,17 @@ def build_train_data(cfg: Config, rank: int, world_size: int, device: torch.devi
     from distrib_face.data import build_loader, read_manifest
 
     manifest = read_manifest(data.shards)
+    # Labels outside [0, manifest.num_classes) are dropped by the readers (counted as label_out_of_range), so
+    # the classifier never sees one; loader.counts holds what was skipped (see distrib_face.data.quality).
+    # With several ranks the skip fraction is checked by the trainer on the counts of all ranks (every rank
+    # then stops together instead of one rank leaving the others in a collective), not by each loader.
     loader = build_loader(
         data.shards, batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=cfg.train.seed, epoch=epoch, decoder=data.decoder, device=str(device), dtype=torch.float32,
         augment=data.augment, rebalance=data.rebalance, resampled=data.resampled, drop_last=True,
-        dali_threads=data.dali_threads, image_size=data.image_size,
+        dali_threads=data.dali_threads, image_size=data.image_size, max_skip_fraction=data.max_skip_fraction if world_size == 1 else 1.0,
+        skip_check_after=data.skip_check_after,
+        allow_missing_shards=data.allow_missing_shards, max_image_pixels=data.max_image_pixels,
     )
     if len(loader) == 0:
         raise ValueError(
@@ -130,7 +168,7 @@ def build_train_data(cfg: Config, rank: int, world_size: int, device: torch.devi
     return TrainData(loader=loader, num_classes=manifest.num_classes, manifest=manifest)
 
 
-def restore_loader(loader: Any, saved: list[dict[str, Any] | None], rank: int, world_size: int, *, epoch: int,
+def restore_loader(loader: BatchSource, saved: list[dict[str, Any] | None], rank: int, world_size: int, *, epoch: int,
                    samples_in_epoch: int, batch_size: int) -> None:
     """Put ``loader`` where the checkpointed run stopped (see the module docstring for a new world size).
 

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
@@ -20,7 +20,40 @@ from torch import nn
 from distrib_face.config import Config
 from distrib_face.dtypes import parse_dtype
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 logger = logging.getLogger(__name__)
+
+
+class _KnownNoticeFilter(logging.Filter):
+    """Drops DeepSpeed's "You are using ZeRO with an untested optimizer" warning.
+
+    The config opts in on purpose (``zero_allow_untested_optimizer``): DeepSpeed calls every optimizer but its
+    own untested, and torch SGD / AdamW under ZeRO 1-2 are what the training tests run. Repeated on every rank
+    at every engine build, the notice said nothing a user could act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+def quiet_known_notices() -> None:
+    """Silence the two notices every ZeRO run printed and nobody can act on (idempotent).
+
+    - DeepSpeed's untested-optimizer warning (see :class:`_KnownNoticeFilter`);
+    - torch 2.13's ``FutureWarning`` that ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` are deprecated:
+      DeepSpeed 0.19.8's ZeRO step calls them (``deepspeed/comm/torch.py``); our own collectives already use
+      the ``*_single`` names (``distrib_face/parallel/collectives.py``).
+    """
+    import warnings
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _KnownNoticeFilter) for f in ds_logger.filters):
+        ds_logger.addFilter(_KnownNoticeFilter())
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated", category=FutureWarning)
+
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config the engine is built from (saved beside the run and logged to MLflow)."""
@@ -84,7 +117,7 @@ def build_backbone(cfg: Config) -> nn.Module:
         ) from err
 
 
-def build_torch_optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Optimizer:
+def build_torch_optimizer(cfg: Config, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The backbone's torch optimiser (handed to DeepSpeed)."""
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -95,7 +128,7 @@ def build_torch_optimizer(cfg: Config, params: Any, lr: float) -> torch.optim.Op
 class EngineBundle:
     """What :func:`build_engine` returns: the engine, its torch optimiser and the config it was built from."""
 
-    engine: Any
+    engine: DeepSpeedEngine
     optimizer: torch.optim.Optimizer
     ds_config: dict[str, Any]
     input_dtype: torch.dtype
@@ -108,15 +141,26 @@ def build_engine(cfg: Config, backbone: nn.Module, lr: float, device: torch.devi
     """
     import deepspeed
 
+    quiet_known_notices()
     # The shared-memory comm op is never used by training and JIT-compiles for ~45 s on first init.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not deepspeed.comm.is_initialized():
         _init_single_process_group(deepspeed, device)
     backbone = backbone.to(device)
+    if any(not p.is_contiguous() for p in backbone.parameters()):
+        # DeepSpeed 0.19.8 broadcasts every parameter as p.data.view(torch.uint8) at initialisation (even in
+        # a world of 1), which fails for channels_last weights. Keep the parameters contiguous: the step
+        # feeds channels_last images, and cuDNN picks its NHWC kernels when the input is channels_last.
+        backbone = backbone.to(memory_format=torch.contiguous_format)
     optimizer = build_torch_optimizer(cfg, [p for p in backbone.parameters() if p.requires_grad], lr)
     ds_config = deepspeed_config(cfg, world_size)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=ds_config)
     del ds_optimizer  # the engine steps it; we set learning rates on the torch optimiser's param groups
+    # DeepSpeed writes engine.config (the raw dict) into every checkpoint's model states; by now it has
+    # parsed it (monitors built), so the copy it keeps can lose the secrets of deepspeed.extra.
+    from distrib_face.redact import redact
+
+    engine.config = redact(ds_config)
     return EngineBundle(engine=engine, optimizer=optimizer, ds_config=ds_config, input_dtype=parse_dtype(cfg.deepspeed.precision))
 
 
@@ -138,7 +182,7 @@ def _init_single_process_group(deepspeed: Any, device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 
-def current_loss_scale(engine: Any) -> float:
+def current_loss_scale(engine: DeepSpeedEngine) -> float:
     """The fp16 loss scale the last ``engine.backward`` used (1.0 without fp16)."""
     if not engine.fp16_enabled():
         return 1.0
@@ -150,7 +194,7 @@ def current_loss_scale(engine: Any) -> float:
     raise RuntimeError(f"cannot read the loss scale of DeepSpeed optimizer {type(optimizer).__name__}")
 
 
-def backbone_state_dict_fp32(engine: Any) -> dict[str, torch.Tensor]:
+def backbone_state_dict_fp32(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     """The backbone's full state dict, floating tensors in fp32, on the CPU (ZeRO stages 0-2 keep it whole)."""
     module = engine.module
     return {
@@ -160,8 +204,9 @@ def backbone_state_dict_fp32(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def save_ds_config(path: str | os.PathLike, ds_config: dict[str, Any]) -> Path:
-    """Write the resolved DeepSpeed config as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds_config, indent=2, sort_keys=True))
-    return path
+    """Write the resolved DeepSpeed config as JSON (atomically), secrets redacted (``deepspeed.extra`` may
+    hold e.g. a monitor's ``api_key``): the file is also an MLflow artifact."""
+    from distrib_face.atomic import write_text
+    from distrib_face.redact import redact
+
+    return write_text(path, json.dumps(redact(ds_config), indent=2, sort_keys=True))

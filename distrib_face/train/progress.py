@@ -47,19 +47,24 @@ class Progress:
             return float("nan")
         return (time.perf_counter() - self.start_time) / done * (self.total_steps - step)
 
-    def step(self, step: int, metrics: Mapping[str, Any] | None) -> None:
-        """Record that ``step`` steps are done; ``metrics`` (loss, lr, img_s) on logging steps, else None."""
+    def step(self, step: int, metrics: Mapping[str, Any] | None, note: str = "") -> None:
+        """Record that ``step`` steps are done; ``metrics`` (loss, lr, images_per_sec) on logging steps, else None.
+
+        ``note`` (e.g. what the readers skipped so far) is appended to the line when it is not empty.
+        """
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if metrics:
+                extra = {"data": note} if note else {}
                 self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                     img_s=f"{metrics['img_s']:.0f}", refresh=False)
+                                     img_s=f"{metrics['images_per_sec']:.0f}", refresh=False, **extra)
         elif metrics:
             logger.info(
-                "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s",
-                step, self.total_steps, metrics["loss"], metrics["lr"], metrics["img_s"], format_eta(self.eta(step)),
+                "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s%s",
+                step, self.total_steps, metrics["loss"], metrics["lr"], metrics["images_per_sec"],
+                format_eta(self.eta(step)), f" | {note}" if note else "",
             )
 
     def message(self, text: str) -> None:

@@ -151,24 +151,6 @@ def _list_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def _all_gather_json(obj: Any, ctx: "ProcessContext") -> list[Any]:
-    """Every rank's JSON-able ``obj``, in rank order (two small all-gathers; a list of one in a world of 1)."""
-    if ctx.world_size == 1:
-        return [obj]
-    import torch
-
-    from distrib_face.parallel.collectives import all_gather_variable, gather_sizes
-
-    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(ctx.device)
-    sizes = gather_sizes(payload.numel(), ctx.group, ctx.device)
-    everyone = all_gather_variable(payload, ctx.group).cpu().numpy().tobytes()
-    out, start = [], 0
-    for size in sizes:
-        out.append(json.loads(everyone[start : start + size].decode()))
-        start += size
-    return out
-
-
 def _stage_own_files(checkpoint_dir: Path | None, ctx: "ProcessContext") -> Path | None:
     """The folder this rank should report: the files of ``checkpoint_dir`` no lower rank also sees.
 
@@ -180,7 +162,9 @@ def _stage_own_files(checkpoint_dir: Path | None, ctx: "ProcessContext") -> Path
     if checkpoint_dir is not None and not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"reported checkpoint folder {checkpoint_dir} does not exist on rank {ctx.rank}")
     mine = _list_files(checkpoint_dir) if checkpoint_dir is not None else None
-    everyone = _all_gather_json(mine, ctx)
+    from distrib_face.parallel.collectives import all_gather_json
+
+    everyone = all_gather_json(mine, ctx.group, ctx.device)
     if mine is None:
         return None
     seen_below: set[str] = set()
@@ -208,11 +192,18 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray
     import ray.train
 
+    from distrib_face.atomic import explain_write_failure
     from distrib_face.config import Config
     from distrib_face.parallel import init_distributed
+    from distrib_face.redact import install_log_redaction, restore_secrets
     from distrib_face.train import run_training
 
-    cfg = Config.from_dict(loop_config["config"])
+    # The config came redacted (Ray records train_loop_config in its dashboard state); its secrets come
+    # through the object store.
+    secrets = ray.get(loop_config["secrets"]) if loop_config.get("secrets") is not None else []
+    config = restore_secrets(loop_config["config"], secrets)
+    install_log_redaction(config)  # DeepSpeed prints its config in this process, Ray forwards worker logs
+    cfg = Config.from_dict(config)
     fault = FaultInjection(**loop_config["fault"]) if loop_config.get("fault") else None
     ctx = init_distributed(device=cfg.device)
     placement = {
@@ -220,17 +211,30 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        # The process group's TCPStore: rank 0 listens on MASTER_PORT, on every interface (docs/ray.md).
+        "master_addr": os.environ.get("MASTER_ADDR"),
+        "master_port": int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None,
     }
-    workers = _all_gather_json(placement, ctx)
+    from distrib_face.parallel.collectives import all_gather_json
+
+    workers = all_gather_json(placement, ctx.group, ctx.device)
     checkpoint = ray.train.get_checkpoint()
     reporter = RayReporter(ctx, fault)
-    if checkpoint is None:
-        summary = run_training(cfg, ctx, reporter=reporter, resume_from=None)
-    else:
-        # Local storage: the merged folder itself; remote storage: a download, deleted afterwards.
-        with checkpoint.as_directory() as resume_dir:
-            logger.info("rank %d resumes from %s", ctx.rank, checkpoint.path)
-            summary = run_training(cfg, ctx, reporter=reporter, resume_from=resume_dir)
+    try:
+        if checkpoint is None:
+            summary = run_training(cfg, ctx, reporter=reporter, resume_from=None)
+        else:
+            # Local storage: the merged folder itself; remote storage: a download, deleted afterwards.
+            with checkpoint.as_directory() as resume_dir:
+                logger.info("rank %d resumes from %s", ctx.rank, checkpoint.path)
+                summary = run_training(cfg, ctx, reporter=reporter, resume_from=resume_dir)
+    except Exception as err:
+        # A full disk or the file-size limit on this node becomes an OutputError naming the path (torch.save
+        # says only "unexpected pos"); the driver maps it to its exit code.
+        explained = explain_write_failure(err, cfg.train.output_dir)
+        if explained is err:
+            raise
+        raise explained from err
     return {**dict(summary or {}), "workers": workers, "ray_resumed_from": checkpoint.path if checkpoint else None}
 
 
@@ -297,10 +301,19 @@ def _write_run_info(experiment_path: str, info: Mapping[str, Any]) -> None:
 
 
 def _open_mlflow_run(cfg: "Config", experiment_path: str) -> tuple["Config", Any]:
-    """Create or reuse the MLflow run on the driver; returns the config carrying its id, and the tracker."""
+    """Create or reuse the MLflow run on the driver; returns the config carrying its id, and the tracker.
+
+    A new run is named after what runs (``tracking.run_name``, else ``<backbone>-<margin>-<data set>-<date>``)
+    and tagged with the Ray job: submission id and entrypoint (from the environment Ray's job supervisor
+    gives the driver), the Ray job id, the Ray run name and storage path.
+    """
     if not cfg.tracking.enabled:
         return cfg, None
-    from distrib_face.tracking import create_tracker
+    import ray
+
+    from distrib_face.redact import redact_text
+    from distrib_face.tracking import create_tracker, run_name_for
+    from distrib_face.tracking.environment import ray_job_tags
 
     run_id = cfg.tracking.run_id or _read_run_info(experiment_path).get("mlflow_run_id")
     tracker = create_tracker(
@@ -308,13 +321,40 @@ def _open_mlflow_run(cfg: "Config", experiment_path: str) -> tuple["Config", Any
         tracking_uri=cfg.tracking.tracking_uri,
         experiment=cfg.tracking.experiment,
         run_id=run_id,
-        run_name=cfg.tracking.run_name,
+        run_name=None if run_id else run_name_for(cfg, _driver_manifest(cfg)),
         artifact_location=cfg.tracking.artifact_location,
     )
-    tracker.set_tags({"launcher": "ray", "ray.run_name": run_name(cfg), "ray.storage_path": cfg.ray.storage_path})
-    _write_run_info(experiment_path, {"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.tracking_uri})
+    tags = {"launcher": "ray", "ray.run_name": run_name(cfg), "ray.storage_path": cfg.ray.storage_path,
+            **ray_job_tags()}
+    if ray.is_initialized():
+        tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    tracker.set_tags(tags)
+    _write_run_info(experiment_path, {"mlflow_run_id": tracker.run_id,
+                                      "tracking_uri": redact_text(cfg.tracking.tracking_uri)})
     logger.info("MLflow run %s (%s)", tracker.run_id, "continued" if run_id else "new")
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=tracker.run_id)), tracker
+
+
+def _driver_manifest(cfg: "Config") -> Any:
+    """The training shards' manifest for the run name, or None (random data, or not readable from the driver)."""
+    if cfg.data.source != "shards" or not cfg.data.shards:
+        return None
+    from distrib_face.data.manifest import read_manifest
+
+    try:
+        return read_manifest(cfg.data.shards)
+    except (OSError, ValueError) as err:
+        logger.info("run name without the manifest (%s): %s", cfg.data.shards, err)
+        return None
+
+
+def job_status(result: Any) -> str:
+    """The MLflow status of a Ray job that returned ``result``: ``FINISHED``, or ``SCHEDULED`` when rank 0's
+    summary says training stopped before its last step (``train.max_steps_this_run``)."""
+    from distrib_face.tracking import STOPPED_EARLY_STATUS
+
+    summary = getattr(result, "return_value", None) or {}
+    return "FINISHED" if summary.get("finished", True) else STOPPED_EARLY_STATUS
 
 
 def launch_ray_training(
@@ -333,13 +373,14 @@ def launch_ray_training(
 
     Returns:
         The ``ray.train.Result``: ``metrics`` (rank 0's last report), ``checkpoint`` (the last one),
-        ``return_value`` (rank 0's summary from ``run_training`` plus ``workers``: rank, node id, host and
-        pid of every worker, and ``ray_resumed_from``: the Ray checkpoint this worker group started from, or
-        ``None``) and ``path``.
+        ``return_value`` (rank 0's summary from ``run_training`` plus ``workers``: rank, node id, host,
+        pid, ``master_addr`` and ``master_port`` of every worker, and ``ray_resumed_from``: the Ray
+        checkpoint this worker group started from, or ``None``) and ``path``.
 
     Raises:
         ray.train.TrainingFailedError: the job failed more than ``cfg.ray.max_failures`` times (the MLflow
-            run is marked FAILED).
+            run is marked FAILED). A job that ends before its last step (``train.max_steps_this_run``)
+            leaves the run SCHEDULED (to be continued), a finished one FINISHED.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -351,9 +392,18 @@ def launch_ray_training(
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
+    import ray
+
+    from distrib_face.redact import split_secrets
+
+    # Ray Train records train_loop_config (the dashboard's run state): it gets the config redacted, and the
+    # secrets go to the workers as an object in the object store (owned by this driver, so it outlives
+    # worker-group restarts).
+    config, secrets = split_secrets(cfg.to_dict())
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": cfg.to_dict(), "fault": dataclasses.asdict(fault) if fault else None},
+        train_loop_config={"config": config, "secrets": ray.put(secrets) if secrets else None,
+                           "fault": dataclasses.asdict(fault) if fault else None},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
@@ -373,7 +423,10 @@ def launch_ray_training(
     status = "FAILED"
     try:
         result = trainer.fit()  # raises TrainingFailedError once max_failures restarts are used up
-        status = "FINISHED"
+        status = job_status(result)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if tracker is not None:
             tracker.end(status=status)

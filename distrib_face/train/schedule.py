@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from distrib_face.config import Config, ScheduleConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +86,7 @@ def peak_learning_rates(cfg: Config, world_size: int) -> tuple[float, float]:
     return lr, lr * cfg.optim.classifier_lr_mult
 
 
-def set_learning_rates(optimizers: Sequence[Any], peaks: Sequence[float], factor: float) -> list[float]:
+def set_learning_rates(optimizers: Sequence[torch.optim.Optimizer], peaks: Sequence[float], factor: float) -> list[float]:
     """Set ``lr = peak x factor`` on every param group of each optimiser; returns the new rates."""
     rates = []
     for optimizer, peak in zip(optimizers, peaks):

@@ -34,7 +34,7 @@ def _batch():
 
 
 def _worker(rank: int, world: int) -> dict:
-    from distrib_face.losses.auxiliary import build_auxiliary_losses
+    from distrib_face.parallel.auxiliary import build_auxiliary_losses
     from distrib_face.parallel import ShardedMarginClassifier
 
     emb, labels = _batch()

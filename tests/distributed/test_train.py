@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -196,13 +197,16 @@ def _nan_worker(rank: int, world_size: int, cfg_dict: dict) -> dict:
     from distrib_face.parallel import init_distributed
     from distrib_face.train import NonFiniteLossError, run_training
 
+    from distrib_face.train.faults import ENV_VAR
+
     ctx = init_distributed(device="cpu")
     cfg = Config.from_dict(cfg_dict)
     out = {}
-    one = cfg.replace(["train.debug_nan_steps=[2]", "train.max_bad_steps=3", "train.total_steps=4"])
+    one = cfg.replace(["train.max_bad_steps=3", "train.total_steps=4"])
+    os.environ[ENV_VAR] = '{"nan_micro_steps": [2]}'  # the test-only fault hook, never the product config
     out["one_bad"] = run_training(one, ctx)
-    many = cfg.replace(["train.debug_nan_steps=[1,2,3]", "train.max_bad_steps=3", "train.total_steps=6",
-                        f"train.output_dir={cfg.train.output_dir}_abort"])
+    many = cfg.replace(["train.max_bad_steps=3", "train.total_steps=6", f"train.output_dir={cfg.train.output_dir}_abort"])
+    os.environ[ENV_VAR] = '{"nan_micro_steps": [1, 2, 3]}'
     try:
         run_training(many, ctx)
         out["error"] = None

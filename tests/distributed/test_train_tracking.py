@@ -27,7 +27,7 @@ def _worker(rank: int, world_size: int, shards: str, out: str, db: str) -> dict:
         "optim": {"lr": 0.05},
         "schedule": {"warmup_steps": 2},
         "train": {"total_steps": 6, "output_dir": f"{out}/first", "log_every": 2, "eval_every": 3,
-                  "eval_pairsets": [f"{shards}/holdout_pairs.npz"], "eval_batch_size": 32},
+                  "eval_pairsets": [f"{shards}/holdout_pairs.npz", f"{shards}/seen_pairs.npz"], "eval_batch_size": 32},
         "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{db}", "experiment": "test_train",
                      "artifact_location": f"{out}/artifacts"},
     }
@@ -47,12 +47,12 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
 
     shards = tmp_path / "shards"
     write_synthetic(shards, num_identities=12, min_images=4, max_images=10, holdout_identities=6, image_size=32,
-                    num_pairs=40, samples_per_shard=50, seed=1)
+                    num_pairs=40, samples_per_shard=50, seed=1, seen_pairs=20)
     db = tmp_path / "mlruns.db"
     (out,) = run_world(_worker, 1, tmp_path, (str(shards), str(tmp_path), str(db)))
     first, tuned = out["first"], out["tuned"]
     assert first["steps"] == 6 and first["finished"]
-    assert set(first["verification_before"]) == {"synthetic_holdout"} == set(first["verification_after"])
+    assert set(first["verification_before"]) == {"synthetic_holdout", "synthetic_seen"} == set(first["verification_after"])
     assert 0.0 <= first["verification_after"]["synthetic_holdout"] <= 1.0
     # Fine-tuning starts from the first run's final backbone: its "before" is the first run's "after".
     assert tuned["verification_before"] == first["verification_after"]
@@ -64,13 +64,24 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
     run = client.get_run(first["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["model.backbone"] == "iresnet_tiny"
-    assert {"loss", "lr", "img_s", "grad_norm", "verify/synthetic_holdout/accuracy"} <= set(run.data.metrics)
+    assert {"loss", "lr", "images_per_sec", "grad_norm", "verify/synthetic_holdout/accuracy"} <= set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "verify/synthetic_holdout/accuracy")
     assert sorted(m.step for m in history) == [0, 3, 6]
     assert history[-1].value == pytest.approx(first["verification_after"]["synthetic_holdout"])
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "deepspeed_config.json" in top
-    assert {"plots/class_sizes.png", "plots/loss_curve.png", "plots/roc.png"} <= plots
+    assert {"plots/class_sizes.png", "plots/training.png", "plots/roc.png"} <= plots
+    # One definition of the final loss: the last logged loss point, logged at the last step.
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert max(m.step for m in losses) == first["steps"]
+    assert first["final_loss"] == pytest.approx(max(losses, key=lambda m: m.step).value, rel=1e-12)
+    # The seen pairs name training identities: accuracy per class-size bucket, every pair in one bucket.
+    buckets = {k.split("/")[2]: v for k, v in run.data.metrics.items()
+               if k.startswith("verify/synthetic_seen/") and k.endswith("/num_pairs")}
+    assert set(buckets) <= {"tail", "torso", "head"} and sum(buckets.values()) == 20
+    assert run.info.run_name.startswith("iresnet_tiny-cosface-synthetic-")  # says what ran (data: the manifest)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest and "12" in dataset.dataset.profile
     if first["onnx"] is not None:
         assert Path(first["onnx"]).is_file()

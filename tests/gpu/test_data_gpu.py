@@ -24,3 +24,24 @@ def test_dali_mixed_matches_cpu(tmp_path):
             assert (x - cpu[int(l)]).abs().mean() < 3 / 127.5
             seen += 1
     assert seen == 80
+
+
+@pytest.fixture(scope="module")
+def augment_sets(tmp_path_factory):
+    from tests.integration import test_data_augment as checks
+
+    root = tmp_path_factory.mktemp("augment")
+    return {"ramps": checks._write(root / "ramps", checks._ramps()),
+            "flat": checks._write(root / "flat", checks.np.tile(checks.np.array([100, 150, 100], "uint8"),
+                                                                (checks.SIZE, checks.SIZE, 1))),
+            "bands": checks._write(root / "bands", checks._bands()),
+            "checker": checks._write(root / "checker", checks._checkerboard())}
+
+
+@pytest.mark.parametrize("name", ["crop", "color_jitter", "grey", "blur", "flip", "all_together"])
+def test_dali_mixed_augmentation_matches_pil(augment_sets, name):
+    """The CPU checks of tests/integration/test_data_augment.py, with DALI decoding on ``mixed`` and every
+    augmentation running on the GPU (the same graph: the device comes from the decoder's output)."""
+    from tests.integration import test_data_augment as checks
+
+    getattr(checks, f"check_{name}")(augment_sets, "cuda:0")

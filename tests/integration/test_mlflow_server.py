@@ -145,3 +145,89 @@ def test_run_logged_resumed_and_read_over_rest(server, tmp_path, caplog):
         for uri in (model_uri, "models:/server-face/1"):
             predicted = mlflow.pyfunc.load_model(uri).predict(images.numpy())["embedding"]
             np.testing.assert_allclose(predicted, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_downloaded_from_the_server_is_one_file_with_the_final_metrics(server, tmp_path):
+    import mlflow
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+
+    url = server["url"]
+    tracker = create_tracker(True, url, "server-model")
+    for step, accuracy in ((0, 0.55), (40, 0.97)):
+        tracker.log_metrics({"verify/holdout/accuracy": accuracy}, step=step)
+    model = export_tiny_onnx(tmp_path / "model.onnx")
+    model_uri = tracker.log_onnx_model(tmp_path / "model.onnx", "model", step=40)
+    tracker.end()
+
+    client = MlflowClient(url)
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert [(m.key, m.step, m.value) for m in logged.metrics] == [("verify/holdout/accuracy", 40, 0.97)]
+    assert logged.artifact_location.startswith("mlflow-artifacts:/")  # served through the server's proxy
+    names = sorted(a.path for a in client.list_logged_model_artifacts(logged.model_id))
+    assert "model.onnx" in names and not [n for n in names if n.endswith(".data")], names
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/model.onnx",
+                                                    dst_path=str(tmp_path / "download"), tracking_uri=url))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    images = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_planted_secrets_reach_no_file_param_tag_or_line(server, tmp_path):
+    """A password in the tracking URI and keys named ``api_key`` / ``*_token`` in ``deepspeed.extra``:
+    ``distrib-face train`` against the server; the secrets are in no file of the output folder, no artifact
+    and nothing in the server's database, no param or tag, and no line of stdout or stderr."""
+    import json
+    import subprocess
+
+    import yaml
+
+    secrets = {"url": "Url-pw-7781", "api_key": "Comet-key-5512", "token": "Upload-tok-9031"}
+    port = server["url"].rsplit(":", 1)[1]
+    uri = f"http://alice:{secrets['url']}@127.0.0.1:{port}"
+    cfg = {
+        "data": {"source": "random", "random_num_classes": 10, "random_num_samples": 64, "batch_size": 8,
+                 "image_size": 32, "num_workers": 0},
+        "model": {"backbone": "iresnet_tiny", "embedding_size": 16},
+        "deepspeed": {"extra": {"comet": {"enabled": False, "api_key": secrets["api_key"]},
+                                "upload_token": secrets["token"]}},
+        "train": {"total_steps": 2, "log_every": 1, "checkpoint_every": 2, "export_onnx": False,
+                  "output_dir": str(tmp_path / "out"), "resume": "never"},
+        "tracking": {"enabled": True, "tracking_uri": uri, "experiment": "secrets"},
+    }
+    config = tmp_path / "secret.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-m", "distrib_face", "train", "--config", str(config)],
+                          capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"},
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    experiment = _get(server, "experiments/get-by-name", experiment_name="secrets")["experiment"]
+    runs = requests.post(f"{server['url']}/api/2.0/mlflow/runs/search",
+                         json={"experiment_ids": [experiment["experiment_id"]]}, timeout=30).json()["runs"]
+    assert len(runs) == 1
+    run_id = runs[0]["info"]["run_id"]
+    info, params, _, tags = _run(server, run_id)
+    # The plants reached MLflow, masked.
+    assert params["deepspeed.extra.comet.api_key"] == REDACTED and params["deepspeed.extra.upload_token"] == REDACTED
+    assert params["tracking.tracking_uri"] == f"http://alice:{REDACTED}@127.0.0.1:{port}"
+    relative = info["artifact_uri"].removeprefix("mlflow-artifacts:/").strip("/")
+    ds = requests.get(f"{server['url']}/api/2.0/mlflow-artifacts/artifacts/{relative}/deepspeed_config.json",
+                      timeout=30).json()
+    assert ds["comet"]["api_key"] == REDACTED and ds["upload_token"] == REDACTED
+    # ... and the run's end was announced without the password (MLflow's own "View run" line is kept off stdout).
+    assert f"MLflow: view run {info['run_name']} at http://alice:{REDACTED}@127.0.0.1:{port}/#/" in proc.stderr
+    assert "View run" not in proc.stdout
+
+    texts = {"stdout": proc.stdout, "stderr": proc.stderr, "params": json.dumps(params), "tags": json.dumps(tags)}
+    files = [p for root in (tmp_path / "out", server["root"]) for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "deepspeed_config.json" for p in files) and any(p.suffix == ".db" for p in files)
+    assert any(p.name == "mp_rank_00_model_states.pt" for p in files)  # DeepSpeed's own copy of its config
+    for name, secret in secrets.items():
+        assert not [where for where, text in texts.items() if secret in text], name
+        assert not [str(p) for p in files if secret.encode() in p.read_bytes()], name

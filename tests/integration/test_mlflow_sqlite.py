@@ -99,7 +99,7 @@ def test_resume_continues_the_same_run(store, caplog):
     assert _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? ORDER BY step", run_id) == [(10, 3.0), (20, 2.0)]
     assert dict(_query(store, "SELECT key, value FROM params WHERE run_uuid = ?", run_id)) == {"optim.lr": "0.1", "world_size": "2"}
     tags = dict(_query(store, "SELECT key, value FROM tags WHERE run_uuid = ?", run_id))
-    assert tags["param_changed.world_size"] == "4" and "resumed_at" in tags
+    assert tags["param_changed.world_size"] == "2 -> 4" and "resumed_at" in tags
     experiment_runs = _query(
         store, "SELECT COUNT(*) FROM runs JOIN experiments USING (experiment_id) WHERE experiments.name = 'resume'"
     )
@@ -219,3 +219,134 @@ def test_onnx_model_logged_loadable_and_registered(store, tmp_path):
     versions = client.search_model_versions("name = 'tiny-face'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", tracker.run_id)]
     assert [i.name for i in onnx_model.graph.input] == ["input"]
+
+
+def _download_one_file(store, model_uri: str, dst: Path) -> Path:
+    """model.onnx alone, through the MLflow API, into an empty folder (as a download from the UI gives it)."""
+    import mlflow
+
+    model_id = model_uri.removeprefix("models:/")
+    location = MlflowClient(store["uri"]).get_logged_model(model_id).artifact_location
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/model.onnx", dst_path=str(dst),
+                                                    tracking_uri=store["uri"]))
+
+
+def _onnx_embeddings(path: Path, images: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": images.numpy()})[0]
+
+
+from mlflow import MlflowClient  # noqa: E402 - used by the helpers above and the tests below
+
+
+def test_logged_onnx_is_one_file_and_carries_the_final_metrics(store, tmp_path):
+    model = export_tiny_onnx(tmp_path / "model.onnx")
+    tracker = create_tracker(True, store["uri"], "model-link", artifact_location=str(tmp_path / "art"))
+    for step, accuracy in ((0, 0.6), (50, 0.8), (100, 0.95)):  # untrained, during, final
+        tracker.log_metrics({"verify/lfw/accuracy": accuracy, "loss": 10.0 / (step + 1)}, step=step)
+    uri = tracker.log_onnx_model(tmp_path / "model.onnx", "model", step=100)
+    tracker.log_metrics({"images_per_sec": 5.0}, step=100)  # logged after the model: not linked
+    tracker.end()
+
+    client = MlflowClient(store["uri"])
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert sorted((m.key, m.step, m.value) for m in logged.metrics) == [("loss", 100, 10.0 / 101),
+                                                                       ("verify/lfw/accuracy", 100, 0.95)]
+    assert client.get_run(tracker.run_id).data.tags["model.model.step"] == "100"
+
+    folder = Path(logged.artifact_location)
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.endswith(".data")], names  # no external-data file beside it
+    downloaded = _download_one_file(store, uri, tmp_path / "download")
+    assert sorted(p.name for p in downloaded.parent.iterdir()) == ["model.onnx"]
+    import stat
+
+    assert stat.S_IMODE(downloaded.stat().st_mode) & 0o044 == 0o044  # readable by group and others
+    images = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    np.testing.assert_allclose(_onnx_embeddings(downloaded, images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_over_the_limit_keeps_its_weights_in_one_named_file(store, tmp_path, monkeypatch):
+    import mlflow
+
+    from distrib_face.tracking import mlflow_tracker
+
+    monkeypatch.setattr(mlflow_tracker, "ONNX_SELF_CONTAINED_LIMIT_BYTES", 1000)  # stands in for 2 GiB
+    model = export_tiny_onnx(tmp_path / "model.onnx")
+    tracker = create_tracker(True, store["uri"], "model-external", artifact_location=str(tmp_path / "art"))
+    uri = tracker.log_onnx_model(tmp_path / "model.onnx", "model")
+    tracker.end()
+    location = MlflowClient(store["uri"]).get_logged_model(uri.removeprefix("models:/")).artifact_location
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp_path / "dl"),
+                                                      tracking_uri=store["uri"]))
+    assert {"model.onnx", "model.onnx.data"} <= {p.name for p in folder.iterdir()}
+    images = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    np.testing.assert_allclose(_onnx_embeddings(folder / "model.onnx", images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_records_changes_and_an_opened_run_is_not_resumed(store, tmp_path, caplog):
+    import logging
+
+    import yaml
+
+    client = MlflowClient(store["uri"])
+    driver = create_tracker(True, store["uri"], "resume-story", run_name="iresnet50-arcface-ms1mv3-x")
+    driver.set_tags({"launcher": "ray"})  # the Ray driver opens the run; workers log into it
+    with caplog.at_level(logging.INFO, logger="distrib_face.tracking.mlflow_tracker"):
+        worker = create_tracker(True, store["uri"], "resume-story", run_id=driver.run_id)
+    assert not worker.resumed and "continuing" not in caplog.text and "opened for this job" in caplog.text
+    assert "resumed_at" not in client.get_run(driver.run_id).data.tags
+    worker.log_params({"optim": {"lr": 0.1}, "ray": {"num_workers": 2}})
+    worker.log_metrics({"loss": 3.0}, step=10)
+    worker.end("SCHEDULED")  # stopped by train.max_steps_this_run
+    run = client.get_run(driver.run_id)
+    assert run.info.status == "SCHEDULED" and run.data.tags["stopped_at_step"] == "10"
+
+    again = create_tracker(True, store["uri"], "resume-story", run_id=driver.run_id)  # holds params: a resume
+    assert again.resumed and client.get_run(driver.run_id).info.status == "RUNNING"
+    changes = again.record_resume({"optim": {"lr": 0.05}, "ray": {"num_workers": 2}}, step=10, world_size=4,
+                                  checkpoint="/ckpt/step_10")
+    again.end()
+    assert changes == {"optim.lr": ("0.1", "0.05")}
+    run = client.get_run(driver.run_id)
+    assert run.data.params["optim.lr"] == "0.1"  # MLflow keeps the first value
+    assert run.data.tags["param_changed.optim.lr"] == "0.1 -> 0.05"
+    assert run.data.tags["resumed_at_step_10"] == "world_size=4" and "resumed_at" in run.data.tags
+    assert "param_changed.ray.num_workers" not in run.data.tags
+    record = yaml.safe_load((Path(run.info.artifact_uri) / "resumes" / "step_000000010.yaml").read_text())
+    assert record["changed"] == {"optim.lr": {"logged": "0.1", "now": "0.05"}}
+    assert record["world_size"] == 4 and record["checkpoint"] == "/ckpt/step_10"
+    assert record["config"]["optim"]["lr"] == 0.05
+
+
+def test_training_data_is_a_dataset_input_and_skips_are_metrics(store, tmp_path):
+    import json
+
+    from distrib_face.data import read_manifest
+    from distrib_face.data.testing import write_indexed_shards
+
+    written = write_indexed_shards(tmp_path / "ms1mv3" / "shards", [3, 2])
+    manifest = read_manifest(tmp_path / "ms1mv3" / "shards")
+    tracker = create_tracker(True, store["uri"], "dataset", artifact_location=str(tmp_path / "art"))
+    digest = tracker.log_training_data(manifest)
+    tracker.end()
+
+    run = MlflowClient(store["uri"]).get_run(tracker.run_id)
+    (entry,) = run.inputs.dataset_inputs
+    dataset = entry.dataset
+    assert dataset.name == "ms1mv3" and digest == dataset.digest == written.content_hash[:36]
+    assert str((tmp_path / "ms1mv3" / "shards" / "manifest.json").resolve()) in dataset.source
+    profile = json.loads(dataset.profile)
+    assert (profile["num_classes"], profile["num_samples"], profile["num_shards"]) == (5, 5, 2)
+    assert profile["content_hash"] == written.content_hash
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+    assert run.data.tags["data.content_hash"] == written.content_hash
+    metrics = run.data.metrics
+    assert (metrics["data/skipped/corrupt_jpeg"], metrics["data/skipped/bad label"],
+            metrics["data/skipped/total"]) == (2, 1, 3)

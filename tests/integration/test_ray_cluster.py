@@ -5,7 +5,11 @@
   the last reported checkpoint, finishes with the same losses as the uninterrupted run, and keeps logging
   into the same MLflow run.
 
-The cluster lives in a short temp dir of its own and is shut down by its own handle (never ``ray stop``).
+The cluster (``tests/ray_head.py:local_cluster``) lives in a short temp dir of its own, Ray's address file
+included (nothing under /tmp/ray), listens on loopback only, and is shut down by its own handle (never
+``ray stop``). The first test also checks the redaction of what Ray records (the Train run state, the
+worker logs) and that no socket of the cluster, its workers or this driver listens beyond loopback but
+the one docs/ray.md names.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_ray_job import free_port, short_temp_dir, tiny_config
+from tests.integration.test_ray_job import tiny_config
+from tests.ray_head import SocketWatch, describe, local_cluster, tcpstore_listeners
 from tests.spawn import run_world
 
 pytestmark = pytest.mark.slow
@@ -60,26 +65,20 @@ def reference_losses(tmp_path_factory) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """A head and a second node, 1 CPU each, with the driver (this process) connected."""
+    with local_cluster(num_nodes=2, cpus_per_node=1) as cluster:
+        yield cluster
+
+
+SECRET = "Planted-api-key-6650"
+URI_SECRET = "Planted-uri-pw-3318"
+
+
+def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_cluster, reference_losses,
+                                                           monkeypatch):
+    import os
+
     import ray
-    from ray.cluster_utils import Cluster
-
-    with short_temp_dir() as temp_dir:
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={"num_cpus": 1, "temp_dir": str(temp_dir), "include_dashboard": False,
-                            "dashboard_agent_listen_port": free_port(), "object_store_memory": 200 * 1024**2},
-        )
-        try:
-            cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(), object_store_memory=200 * 1024**2)
-            ray.init(address=cluster.address)
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-
-
-def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_cluster, reference_losses):
-    import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
 
     from distrib_face.config import Config
     from distrib_face.train.ray_backend import launch_ray_training
@@ -87,7 +86,15 @@ def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_c
     node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     assert len(node_ids) == 2
 
-    result = launch_ray_training(Config.from_dict(_config(tmp_path, "two_nodes")))
+    # Ray Train records each run (its train_loop_config included) for the dashboard when state tracking is on.
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    # Secrets the workers get: a DeepSpeed monitor's key (the monitor is off, nothing is sent) and a password
+    # in the tracking URI (tracking is off: never contacted). Ray's state keeps three levels of
+    # train_loop_config, so the URI's is the one it would show.
+    cfg = _config(tmp_path, "two_nodes", deepspeed={"extra": {"comet": {"enabled": False, "api_key": SECRET}}},
+                  tracking={"tracking_uri": f"http://alice:{URI_SECRET}@127.0.0.1:1"})
+    with SocketWatch([os.getpid()]) as sockets:  # this driver, its raylets, agents and the Train workers
+        result = launch_ray_training(Config.from_dict(cfg))
 
     summary = result.return_value
     workers = sorted(summary["workers"], key=lambda w: w["rank"])
@@ -97,6 +104,25 @@ def test_two_nodes_place_workers_on_both_and_match_one_node(tmp_path, two_node_c
     losses = _loss_history(result.checkpoint.path)
     assert [step for step, _ in losses] == list(range(1, TOTAL_STEPS + 1))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=0)
+
+    # What Ray records: the Train run state holds the config redacted; no log, checkpoint or result file
+    # of the cluster, the storage or the output folder holds the secret.
+    runs = ray.get(get_state_actor().get_train_runs.remote())
+    recorded = "".join(run.model_dump_json() for run in runs.values())
+    assert "http://alice:[REDACTED]@127.0.0.1:1" in recorded and "iresnet_tiny" in recorded
+    assert SECRET not in recorded and URI_SECRET not in recorded
+    roots = [Path(two_node_cluster.head_node.get_temp_dir_path()), Path(cfg["train"]["output_dir"])]
+    files = [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_socket()]
+    assert any(p.name.startswith("worker-") for p in files)  # the workers' captured output is among them
+    leaks = [str(p) for p in files for secret in (SECRET, URI_SECRET) if secret.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+    # Every socket of the cluster, its workers and this driver is on loopback, but the TCPStore of rank 0.
+    names = {listener.process for listener in sockets.seen}
+    assert {"gcs_server", "raylet"} <= names, describe(sockets.seen)
+    store = tcpstore_listeners(sockets, summary["workers"])
+    assert len(store) == 1 and {w["master_addr"] for w in workers} == {"127.0.0.1"}, describe(sockets.seen)
+    assert sockets.exposed() == store, "listening beyond loopback:\n" + describe(sockets.exposed() - store)
 
 
 def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path, two_node_cluster, reference_losses):

@@ -79,3 +79,21 @@ def test_a_file_size_limit_is_one_error_naming_the_path(tmp_path: Path) -> None:
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
     assert issubclass(OutputError, OSError)
+
+
+def test_new_files_get_the_mode_open_gives_and_replaced_files_keep_theirs(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old_umask = os.umask(0o022)  # mkstemp's 0600 and open()'s 0644 differ under it
+    try:
+        reference = tmp_path / "plain.txt"
+        reference.write_text("x")  # what open() gives: the independent reference
+        written = write_text(tmp_path / "atomic.txt", "x")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(reference.stat().st_mode) == 0o644
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    os.chmod(written, 0o640)
+    write_text(written, "y")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o640 and written.read_text() == "y"

@@ -16,14 +16,14 @@ def _cfg(**loss) -> Config:
 
 
 def test_defaults_build_what_the_current_trainer_builds():
-    from distrib_face.train.loop import build_classifier as loop_build
+    from distrib_face.train.components import build_classifier as loop_build
 
     cfg, ctx = _cfg(sample_rate=0.5), ProcessContext()
     clf, opt = build_classifier(cfg, 40, ctx)
     ref, ref_opt = loop_build(cfg, 40, ctx)
     assert torch.equal(clf.weight, ref.weight) and clf.weight.dtype == torch.float32
     assert (clf.sample_rate, clf.margin.spec, clf.embedding_grad_scale) == (ref.sample_rate, ref.margin.spec, 1.0)
-    assert clf.equal_batches and clf.offload == "none"
+    assert clf.equal_batches and clf.offload == "none" and (clf.kernel, clf.grad_filter) == (ref.kernel, ref.grad_filter)
     assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] and opt.name == ref_opt.name
 
 

@@ -102,8 +102,15 @@ def test_onnx_matches_torch(tmp_path):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no backbone.pt"):
+    with pytest.raises(FileNotFoundError, match="must hold backbone.pt"):
         load_model(tmp_path)
+    (tmp_path / "latest").write_text("step_000000009\n")
+    with pytest.raises(FileNotFoundError, match="step_000000009, which holds no backbone.pt"):
+        load_model(tmp_path)
+    (tmp_path / "latest").unlink()
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match="manifest.json: not a backbone file"):
+        load_model(tmp_path / "manifest.json")
     (tmp_path / "broken.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="broken.onnx: cannot load ONNX model"):
         load_model(tmp_path / "broken.onnx")
@@ -120,6 +127,12 @@ def test_backbone_checkpoint_folder(tmp_path):
     np.testing.assert_allclose(
         embed_images(load_model(tmp_path / "ckpt"), images), embed_images(net, images), rtol=1e-5, atol=1e-5
     )
+    # a checkpoints folder (or a run folder holding one) whose `latest` names the checkpoint
+    models.save_backbone(tmp_path / "run" / "checkpoints" / "step_2" / "backbone.pt", net, "mobilefacenet_tiny", kwargs)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_2\n")
+    for folder in (tmp_path / "run" / "checkpoints", tmp_path / "run"):
+        np.testing.assert_allclose(embed_images(load_model(folder), images), embed_images(net, images),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_evaluate_pairset_equals_metrics_on_embeddings():

@@ -247,3 +247,20 @@ def test_cmc_matches_plain_loop_in_chunks():
         best = {i: max(sims[p, g] for g in range(60) if gallery_labels[g] == i) for i in ids}
         ranks.append(sum(1 for i in ids if best[i] >= best[probe_labels[p]]))
     np.testing.assert_allclose(result.cmc, [np.mean(np.array(ranks) <= k) for k in range(1, ids.size + 1)])
+
+
+def test_unmeasurable_far_note_is_logged_once_per_process(caplog):
+    import logging
+    import uuid
+
+    from distrib_face.eval.metrics import verification_metrics_from_scores
+
+    rng = np.random.default_rng(0)
+    issame = np.arange(40) % 2 == 0  # 20 impostor pairs: FAR 1e-2 and below cannot be measured
+    scores = rng.normal(issame.astype(float), 1.0)
+    name = f"set-{uuid.uuid4().hex[:6]}"
+    with caplog.at_level(logging.INFO, logger="distrib_face.eval.metrics"):
+        results = [verification_metrics_from_scores(scores, issame, name=name) for _ in range(3)]
+    notes = [r for r in caplog.records if "not measurable" in r.getMessage() and r.levelno == logging.INFO]
+    assert len(notes) == 1 and name in notes[0].getMessage()
+    assert all(any("not measurable" in n for n in r.notes) for r in results)  # every result keeps its note

@@ -213,8 +213,26 @@ def test_export_command_torchscript_with_parity_images(tmp_path, capsys):
 
 def test_export_command_reports_a_missing_checkpoint(tmp_path, capsys):
     code = cli_main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.onnx")])
-    assert code == 2 and "nowhere" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("distrib-face: error: ") and "nowhere" in err and err.count("\n") == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("size", [48, 112, 192])
+def test_export_warns_when_insightface_would_not_load_the_size(tmp_path, caplog, size):
+    pytest.importorskip("insightface", reason="the insightface package is not installed (pip install insightface)")
+    from insightface.model_zoo import get_model
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
+    from distrib_face.export import insightface_routes
+
+    torch.manual_seed(0)
+    model = create_backbone("mobilefacenet_tiny", input_size=size)
+    with caplog.at_level("WARNING", logger="distrib_face.export.exporter"):
+        path = export_onnx(model, tmp_path / f"m{size}.onnx")
+    routed = isinstance(get_model(str(path)), ArcFaceONNX)  # insightface itself is the reference
+    assert insightface_routes(size) == routed == (size == 112)
+    assert ("will not load" in caplog.text) == (not routed)
 
 
 def test_old_opset_is_refused(tmp_path):

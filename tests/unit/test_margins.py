@@ -52,6 +52,21 @@ def test_arcface_closed_form_and_beyond_pi():
     assert _close(easy.target_logit(COS, _ctx(6)) / S, expect)
 
 
+def test_arcface_insightface_fallback_is_pytorch_metric_learnings_arcface():
+    """``fallback: insightface`` against the reference code itself: pytorch-metric-learning's ArcFaceLoss
+    (``cos theta - m sin m`` past ``theta > pi - m``, as insightface's MXNet code and arcface_torch in 2022)."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses", reason="pytorch-metric-learning is a dev dependency")
+    m = 0.5
+    reference = pml.ArcFaceLoss(num_classes=3, embedding_size=2, margin=math.degrees(m), scale=S)  # margin in degrees
+    theta = torch.linspace(0.01, math.pi - 0.01, 999, dtype=torch.float64)  # both sides of pi - m
+    cos = torch.cos(theta)
+    ours = create_margin("arcface", scale=S, angular_margin=m, options={"fallback": "insightface"})
+    got = ours.target_logit(cos, _ctx(cos.numel())) / S
+    want = reference.modify_cosine_of_target_classes(cos)
+    assert bool((theta > math.pi - m).any()) and bool((theta < math.pi - m).any())
+    assert _close(got, want, tol=1e-9)
+
+
 def test_combined_closed_form():
     comb = create_margin("combined", scale=S, multiplicative_margin=0.9, angular_margin=0.3, additive_margin=0.2)
     got = comb.target_logit(COS[:4], _ctx(4)) / S

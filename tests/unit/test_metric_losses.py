@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from distrib_face.losses import metric
-from distrib_face.losses.auxiliary import AuxLossSpec, build_auxiliary_losses
+from distrib_face.losses.auxiliary import AuxLossSpec
+from distrib_face.parallel.auxiliary import build_auxiliary_losses
 
 
 def _batch(n: int = 12, d: int = 5, classes: int = 4, seed: int = 0):

@@ -222,3 +222,45 @@ def test_bf16_and_offloaded_shards_round_trip_through_checkpoints(tmp_path):
     wide = ShardedMarginClassifier(40, 8, margin="cosface", seed=9)
     load_shard_from_dir(tmp_path / "bf16", wide)
     assert torch.equal(wide.weight, src.weight.float())
+
+
+def test_online_logsumexp_merges_partial_statistics():
+    """Per-split (max, sum) partials, empty ones included, merge to the logsumexp of all columns."""
+    from distrib_face.parallel.softmax_stats import OnlineLogSumExp
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 23, dtype=torch.float64) * 20
+    logits[1] = float("-inf")  # a row with no column at all
+    bounds = [0, 7, 7, 15, 23]  # the second part is empty
+    part_max = torch.full((4, 5), float("-inf"), dtype=torch.float64)
+    part_sum = torch.zeros(4, 5, dtype=torch.float64)
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            m = logits[:, lo:hi].amax(dim=1)
+            safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            part_max[k], part_sum[k] = m, torch.exp(logits[:, lo:hi] - safe[:, None]).sum(dim=1)
+    stats = OnlineLogSumExp((5,), torch.float64, torch.device("cpu"))
+    stats.update(logits[:, :3].clone())  # merging composes with streamed chunks
+    stats.merge(part_max, part_sum)
+    extra = torch.randn(5, dtype=torch.float64)
+    want = torch.logsumexp(torch.cat([logits[:, :3], logits, extra[:, None]], dim=1), dim=1)
+    got = stats.logsumexp(None, extra=extra)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_a_nan_weight_row_makes_the_loss_nan_not_zero():
+    """A NaN logit must not pass for an empty row (max -inf): the loss has to show the divergence."""
+    from distrib_face.parallel.softmax_stats import OnlineLogSumExp
+
+    torch.manual_seed(0)
+    for fast in (True, False):
+        clf = ShardedMarginClassifier(12, 8, margin="cosface", dtype=torch.float64)
+        clf.fast_path = fast
+        with torch.no_grad():
+            clf.weight[3, 0] = float("nan")
+        loss = clf(torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 4, 5]))
+        assert torch.isnan(loss), (fast, loss)
+    stats = OnlineLogSumExp((2,), torch.float64, torch.device("cpu"))
+    stats.update(torch.tensor([[0.0, float("nan")], [float("-inf"), float("-inf")]], dtype=torch.float64))
+    lse = stats.logsumexp(None, extra=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.isnan(lse[0]) and lse[1].item() == 2.0  # an all-masked row is just its target

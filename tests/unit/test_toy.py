@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from distrib_face.cli import main
-from distrib_face.losses.toy import ToyResult, angular_gap_degrees, spread_directions, train_toy
+from distrib_face.train.toy import ToyResult, angular_gap_degrees, spread_directions, train_toy
 
 
 @pytest.fixture

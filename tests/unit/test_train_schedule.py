@@ -64,12 +64,12 @@ def test_deepspeed_config():
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["initial_scale_power"] == 16
 
 
-def test_pair_range_covers_every_pair_once():
-    from distrib_face.train.verify import pair_range
+def test_even_split_covers_every_item_once():
+    from distrib_face.parallel.shard import even_split
 
     for num_pairs in (0, 1, 5, 600):
         for world in (1, 2, 3, 7):
-            ranges = [pair_range(num_pairs, r, world) for r in range(world)]
+            ranges = [even_split(num_pairs, r, world) for r in range(world)]
             assert ranges[0][0] == 0 and ranges[-1][1] == num_pairs
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             sizes = [b - a for a, b in ranges]

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from distrib_face.parallel.collectives import all_reduce_tensor
+
 #: ``reduce_fn(tensor, op)`` reduces a float64 tensor elementwise over the ranks with ``op`` ("sum" or "max");
 #: it may work in place (returning None) or return the result.
 ReduceFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
@@ -33,7 +35,7 @@ class MetricAggregator:
 
     Args:
         reduce_fn: ``reduce_fn(tensor, op)`` reduces over ranks with op "sum" or "max". Default:
-            ``distrib_face.parallel.collectives.all_reduce_tensor`` on ``group`` (which is the identity in
+            :func:`~distrib_face.parallel.collectives.all_reduce_tensor` on ``group`` (which is the identity in
             a world of 1). ``lambda tensor, op: tensor`` is a single process.
         sum_keys: metric names summed over ranks rather than averaged.
         group: the process group for the default ``reduce_fn`` (None: the default group, or a world of 1).
@@ -120,8 +122,6 @@ class MetricAggregator:
     def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         reduce_fn = self._reduce_fn
         if reduce_fn is None:
-            from distrib_face.parallel.collectives import all_reduce_tensor
-
             group = self._group
 
             def reduce_fn(tensor: torch.Tensor, op: str) -> torch.Tensor | None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrib_face.tracking import MetricAggregator
+from distrib_face.parallel.metrics import MetricAggregator
 from tests.spawn import run_world
 
 # Per rank, per step: (loss, img/s, batch size) - different counts per rank so that a plain mean of means

@@ -3,7 +3,8 @@
 The data are synthetic "MNIST-like" images: each identity is a 16x16 prototype made of a few Gaussian blobs,
 and a sample is its prototype shifted by up to one pixel, rescaled in brightness and noised. No files are
 needed. The embeddings are trained with the real :class:`~distrib_face.parallel.ShardedMarginClassifier` (a
-world of one) and drawn with the class centres (the classifier's weight rows).
+world of one) and drawn with the class centres (the classifier's weight rows). It lives in ``train/`` because
+it trains with the classifier; the margins' own curves are :func:`distrib_face.losses.plots.plot_margin_curves`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from distrib_face.losses.margins import create_margin
+from distrib_face.parallel import ShardedMarginClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +126,6 @@ def train_toy(loss: str, steps: int = 400, dim: int = 2, seed: int = 0, lr: floa
         seed: seeds the data, the network and the classifier.
         lr: Adam learning rate.
     """
-    from distrib_face.losses.margins import create_margin
-    from distrib_face.parallel import ShardedMarginClassifier
-
     torch.manual_seed(seed)
     images, labels = make_blob_data(num_per_class=150, seed=seed)
     net = nn.Sequential(nn.Linear(IMAGE_SIZE * IMAGE_SIZE, 64), nn.PReLU(), nn.Linear(64, 64), nn.PReLU(),
@@ -237,71 +238,5 @@ def plot_toy(result: ToyResult, path: str | Path) -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_margin_curves(path: str | Path, num_points: int = 721) -> Path:
-    """The target logit divided by the scale against theta for every margin (the ArcFace paper's figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from distrib_face.losses.margins import MarginContext, create_margin
-
-    theta = torch.linspace(0.0, math.pi, num_points, dtype=torch.float64)
-    cos = torch.cos(theta)
-    n = num_points
-
-    def ctx(norm: float = 1.0, w_norm: float = 1.0) -> MarginContext:
-        return MarginContext(feature_norms=torch.full((n, 1), norm, dtype=torch.float64),
-                             weight_norms=torch.full((n,), w_norm, dtype=torch.float64))
-
-    def curve(name: str, norm: float = 1.0, **kw: Any) -> np.ndarray:
-        margin = create_margin(name, **kw)
-        margin.set_num_classes(1000)
-        scale = margin.multiplier(ctx(norm))
-        scale = float(scale if not isinstance(scale, torch.Tensor) else scale.reshape(-1)[0])
-        return (margin.target_logit(cos, ctx(norm)) / scale).numpy()
-
-    no_anneal = {"lambda_base": 0.0, "lambda_min": 0.0}
-    curves: list[tuple[str, np.ndarray, dict[str, Any]]] = [
-        ("softmax / l2softmax / normface / adacos / heated_up: cos(theta)", curve("normface"), dict(color="k", lw=2)),
-        ("sphereface / lsoftmax psi, m=4 (no annealing)", curve("sphereface", options=no_anneal), dict(color="C0")),
-        ("sphereface m=4 annealed, lambda=5", curve("sphereface", options={"lambda_base": 5.0, "lambda_min": 5.0}),
-         dict(color="C0", ls=":")),
-        ("cosface m=0.35", curve("cosface", additive_margin=0.35), dict(color="C1")),
-        ("arcface / subcenter / curricularface m=0.5", curve("arcface"), dict(color="C3", lw=2)),
-        ("combined (1, 0.3, 0.2)", curve("combined"), dict(color="C4")),
-        ("airface / li_arcface m=0.45", curve("airface"), dict(color="C2")),
-    ]
-    for norm, style in ((10.0, ":"), (110.0, "--")):
-        curves.append((f"magface, ||x||={norm:g}", curve("magface", norm=norm), dict(color="C5", ls=style)))
-    ada = create_margin("adaface")
-    ada.batch_std.fill_(1.0)
-    for mean, label, style in ((60.0, "z=-1 (low quality)", ":"), (40.0, "z=+1 (high quality)", "--")):
-        ada.batch_mean.fill_(mean)  # a norm of 50 against a batch mean of 60 / 40: z clipped to -1 / +1
-        values = (ada.target_logit(cos, ctx(50.0)) / ada.scale).numpy()
-        curves.append((f"adaface m=0.4, {label}", values, dict(color="C6", ls=style)))
-    for m, style in ((0.4, ":"), (0.6, "--")):
-        curves.append((f"elasticface: one draw, m={m}", curve("arcface", angular_margin=m), dict(color="C7", ls=style)))
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(13, 6.5))
-    degrees = np.degrees(theta.numpy())
-    for label, values, style in curves:
-        ax.plot(degrees, values, label=label, **style)
-    ax.axhline(-1.0, color="0.6", lw=0.6)
-    ax.set_xlim(0, 180)
-    ax.set_ylim(-3.2, 1.1)
-    ax.set_xlabel("angle theta between feature and target centre (degrees)")
-    ax.set_ylabel("target logit / scale")
-    ax.set_title("Target logit / scale against the angle to the target centre (lower = harder to satisfy)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
