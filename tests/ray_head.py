@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -140,7 +140,9 @@ class Listener:
     host: str
     port: int
     pid: int
-    process: str
+    # Not part of the identity: a Ray worker renames its process while it runs ("ray::IDLE", then the task),
+    # and one socket seen under two names is still one socket.
+    process: str = field(compare=False)
 
     @property
     def loopback(self) -> bool:

@@ -3,10 +3,10 @@
 A margin is a small ``nn.Module`` with one contract, used identically by one process holding the whole
 classifier and by the class-sharded classifier in :mod:`distrib_face.parallel`:
 
-- ``target_logit(cos_target, ctx) -> logits``: the logit of each row's *target* class from the cosine
+- ``target_logit(cos_target, mctx) -> logits``: the logit of each row's *target* class from the cosine
   between the row's embedding and its class weight (``[N] -> [N]``). Only the rank that owns the class
   calls it.
-- ``negative_logits(cos, ctx) -> logits``: the logits of non-target classes (``[N, C] -> [N, C]``);
+- ``negative_logits(cos, mctx) -> logits``: the logits of non-target classes (``[N, C] -> [N, C]``);
   by default ``scale * cos``. Inter-class filtering (option ``interclass_filtering_threshold``) is applied
   here for every margin; subclasses override :meth:`Margin.negative_from_cos` instead.
 - ``scale``: the logit scale ``s`` (or, with ``normalize_features=False``, the feature norm takes its place).
@@ -17,7 +17,7 @@ Flags the classifier reads (class attributes, or instance attributes where an op
 
 - ``normalize_features`` / ``normalize_weights``: whether ``||x||`` / ``||W_j||`` are divided out of the
   logit (when weights are not normalised, the "cosine" handed to a margin is ``x_unit . W_j`` and carries the
-  weight norm; ``ctx.weight_norms`` holds the target's ``||W_y||``);
+  weight norm; ``mctx.weight_norms`` holds the target's ``||W_y||``);
 - ``uses_bias``: the classifier appends a constant-1 feature so that each class row gets a bias column;
 - ``needs_negative_stats``: the classifier runs a no-grad pass over every class chunk before
   :meth:`Margin.begin_step` and hands over ``log sum_{i, j != y_i} exp(negative logit_ij)`` (all-reduced);
@@ -177,13 +177,13 @@ class Margin(nn.Module):
         """Told once by the classifier: the total number of classes ``C`` (AdaCos's fixed scale needs it)."""
         self.num_classes = int(num_classes)
 
-    def multiplier(self, ctx: MarginContext) -> Tensor | float:
+    def multiplier(self, mctx: MarginContext) -> Tensor | float:
         """What multiplies a cosine to make a logit: ``scale``, or the feature norm when not normalised."""
-        return self.scale if self.normalize_features else ctx.feature_norms.squeeze(-1)
+        return self.scale if self.normalize_features else mctx.feature_norms.squeeze(-1)
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         """Logit of each row's target class, ``[N] -> [N]``."""
-        return self.multiplier(ctx) * cos_target
+        return self.multiplier(mctx) * cos_target
 
     def filter_negatives(self, cos: Tensor) -> Tensor:
         """Inter-class filtering: negatives with cosine above the threshold become cosine 0 (no gradient)."""
@@ -191,13 +191,13 @@ class Margin(nn.Module):
             return cos
         return cos.masked_fill(cos.detach() > self.interclass_threshold, 0.0)
 
-    def negative_logits(self, cos: Tensor, ctx: MarginContext) -> Tensor:
+    def negative_logits(self, cos: Tensor, mctx: MarginContext) -> Tensor:
         """Logits of non-target classes, ``[N, C] -> [N, C]`` (filtered, then :meth:`negative_from_cos`)."""
-        return self.negative_from_cos(self.filter_negatives(cos), ctx)
+        return self.negative_from_cos(self.filter_negatives(cos), mctx)
 
-    def negative_from_cos(self, cos: Tensor, ctx: MarginContext) -> Tensor:
+    def negative_from_cos(self, cos: Tensor, mctx: MarginContext) -> Tensor:
         """The margin's own non-target transform, ``[N, C] -> [N, C]`` (default ``multiplier * cos``)."""
-        mult = self.multiplier(ctx)
+        mult = self.multiplier(mctx)
         return mult * cos if isinstance(mult, float) or mult.ndim == 0 else mult.unsqueeze(-1) * cos
 
     def begin_step(self, stats: StepStats) -> None:
@@ -381,7 +381,7 @@ class CosFace(Margin):
 
     name = "cosface"
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         return self.scale * (cos_target - self.spec.additive_margin)
 
 
@@ -425,7 +425,7 @@ class ArcFace(Margin):
         """``cos(theta + m)`` with the ``theta + m > pi`` fallback (unscaled)."""
         return additive_angular(cos_target, self.margin, self.fallback, self.easy_margin)
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         return self.scale * self.angular_target(cos_target)
 
 
@@ -517,10 +517,10 @@ class SphereFace(Margin):
         """The monotonic ``psi(theta)`` as a function of ``cos theta``."""
         return monotonic_psi(cos, self.m)
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         lam = self.lambda_
         blended = (lam * cos_target + self.psi(cos_target)) / (1.0 + lam)
-        return self.multiplier(ctx) * blended
+        return self.multiplier(mctx) * blended
 
     def begin_step(self, stats: StepStats) -> None:
         if stats.training:
@@ -532,7 +532,7 @@ class LSoftmax(SphereFace):
     """L-Softmax: ``||W_y|| ||x|| psi(theta_y)`` for the target, ``||W_j|| ||x|| cos theta_j`` otherwise.
 
     The multiplicative margin of SphereFace without weight normalisation (SphereFace came after and added
-    it). The target uses ``ctx.weight_norms`` (``||W_y||``, with gradient): the classifier hands over
+    it). The target uses ``mctx.weight_norms`` (``||W_y||``, with gradient): the classifier hands over
     ``x_unit . W_y``, from which ``cos theta_y`` is recovered. Annealed against softmax like SphereFace,
     with the L-Softmax release's constants (``lambda_base`` 1000, ``lambda_gamma`` 2.5e-5, ``lambda_power`` 35,
     ``lambda_min`` 0).
@@ -542,14 +542,14 @@ class LSoftmax(SphereFace):
     normalize_weights = False
     _LAMBDA_DEFAULTS = (1000.0, 2.5e-5, 35.0, 0.0)
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
-        if ctx.weight_norms is None:
-            raise ValueError("lsoftmax needs ctx.weight_norms (the target class weight norms)")
-        w_norm = ctx.weight_norms.clamp_min(1e-12)
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
+        if mctx.weight_norms is None:
+            raise ValueError("lsoftmax needs mctx.weight_norms (the target class weight norms)")
+        w_norm = mctx.weight_norms.clamp_min(1e-12)
         lam = self.lambda_
         # cos_target = ||W_y|| cos theta_y: keep the lambda term in that form, recover cos for psi.
         blended = (lam * cos_target + w_norm * self.psi(cos_target / w_norm)) / (1.0 + lam)
-        return self.multiplier(ctx) * blended
+        return self.multiplier(mctx) * blended
 
 
 @register_margin("combined")
@@ -571,7 +571,7 @@ class CombinedMargin(Margin):
         theta_max = (math.pi - self.m2) / self.m1
         self.cos_threshold = math.cos(theta_max) if theta_max < math.pi else -1.0
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         theta = torch.acos(cos_target.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
         inside = torch.cos(self.m1 * theta + self.m2) - self.m3
         beyond = cos_target - self.cos_threshold - 1.0 - self.m3
@@ -588,11 +588,11 @@ class AirFace(Margin):
 
     name = "airface"
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         theta = _angle(cos_target)
         return self.scale * (math.pi - 2.0 * (theta + self.spec.angular_margin)) / math.pi
 
-    def negative_from_cos(self, cos: Tensor, ctx: MarginContext) -> Tensor:
+    def negative_from_cos(self, cos: Tensor, mctx: MarginContext) -> Tensor:
         return self.scale * (math.pi - 2.0 * _angle(cos)) / math.pi
 
 
@@ -629,7 +629,7 @@ class AdaCos(Margin):
         super().set_num_classes(num_classes)
         self.adaptive_scale.fill_(self.fixed_scale(num_classes))
 
-    def multiplier(self, ctx: MarginContext) -> Tensor:  # type: ignore[override]
+    def multiplier(self, mctx: MarginContext) -> Tensor:  # type: ignore[override]
         if self.num_classes is None:
             raise RuntimeError("adacos: set_num_classes(C) must be called before use (the classifier does)")
         return self.adaptive_scale
@@ -685,7 +685,7 @@ class HeatedUp(Margin):
             return self.scale + (self.scale_end - self.scale) * progress
         return self.scale_end + (self.scale - self.scale_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def multiplier(self, ctx: MarginContext) -> float:  # type: ignore[override]
+    def multiplier(self, mctx: MarginContext) -> float:  # type: ignore[override]
         return self.scale_at(int(self.step))
 
     def begin_step(self, stats: StepStats) -> None:
@@ -697,7 +697,7 @@ class HeatedUp(Margin):
 class CurricularFace(ArcFace):
     """CurricularFace: ArcFace's target, and hard negatives re-weighted by the training progress ``t``.
 
-    A negative is hard when ``cos theta_j > cos(theta_y + m)`` (with ``cos theta_y`` from ``ctx.target_cos``);
+    A negative is hard when ``cos theta_j > cos(theta_y + m)`` (with ``cos theta_y`` from ``mctx.target_cos``);
     its logit becomes ``s cos theta_j (t + cos theta_j)`` (easy ones stay ``s cos theta_j``). ``t`` is an EMA
     of the mean target cosine over the global batch, updated before the logits of every training step:
     ``t <- momentum * mean(cos theta_y) + (1 - momentum) t`` (option ``momentum``, default 0.01; ``t_0 = 0``).
@@ -716,10 +716,10 @@ class CurricularFace(ArcFace):
             mean = stats.target_cos.detach().to(torch.float64).mean()
             self.t.copy_(self.momentum * mean + (1.0 - self.momentum) * self.t)
 
-    def negative_from_cos(self, cos: Tensor, ctx: MarginContext) -> Tensor:
-        if ctx.target_cos is None:
-            raise ValueError("curricularface needs ctx.target_cos for its negatives")
-        tc = ctx.target_cos.detach().to(cos.dtype)
+    def negative_from_cos(self, cos: Tensor, mctx: MarginContext) -> Tensor:
+        if mctx.target_cos is None:
+            raise ValueError("curricularface needs mctx.target_cos for its negatives")
+        tc = mctx.target_cos.detach().to(cos.dtype)
         cos_theta_m = tc * self.cos_m - _sin_from_cos(tc) * self.sin_m  # [N]
         hard = cos.detach() > cos_theta_m[:, None]
         return self.scale * torch.where(hard, cos * (self.t.to(cos.dtype) + cos), cos)
@@ -760,14 +760,14 @@ class AdaFace(Margin):
         z = (safe - self.batch_mean.to(safe.dtype)) / (self.batch_std.to(safe.dtype) + self.eps)
         return (z * self.h).clamp(-1.0, 1.0)
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
         m = self.spec.angular_margin
         cos = cos_target.clamp(-1.0 + self.eps, 1.0 - self.eps)
-        z = self.margin_scaler(ctx.feature_norms).to(cos.dtype)
+        z = self.margin_scaler(mctx.feature_norms).to(cos.dtype)
         theta_m = (torch.acos(cos) - m * z).clamp(self.eps, math.pi - self.eps)
         return self.scale * (torch.cos(theta_m) - (m + m * z))
 
-    def negative_from_cos(self, cos: Tensor, ctx: MarginContext) -> Tensor:
+    def negative_from_cos(self, cos: Tensor, mctx: MarginContext) -> Tensor:
         return self.scale * cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
 
 
@@ -802,8 +802,8 @@ class MagFace(Margin):
         slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
         return slope * (a - self.lower_norm) + self.lower_margin
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
-        m = self.margin_of(ctx.feature_norms).to(cos_target.dtype)
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
+        m = self.margin_of(mctx.feature_norms).to(cos_target.dtype)
         return self.scale * additive_angular(cos_target, m, self.fallback, self.easy_margin)
 
 
@@ -863,15 +863,15 @@ class ElasticFace(Margin):
         self.step += 1
         self._row_margins = self.draw_margins(stats.target_cos, int(self.step))
 
-    def row_margins(self, num_rows: int, ctx: MarginContext, dtype: torch.dtype) -> Tensor | float:
-        """This step's margins of the rows in ``ctx`` (the mean margin outside training)."""
+    def row_margins(self, num_rows: int, mctx: MarginContext, dtype: torch.dtype) -> Tensor | float:
+        """This step's margins of the rows in ``mctx`` (the mean margin outside training)."""
         if self._row_margins is None:
             return self.mean_margin
-        index = ctx.row_index if ctx.row_index is not None else torch.arange(num_rows, device=self._row_margins.device)
+        index = mctx.row_index if mctx.row_index is not None else torch.arange(num_rows, device=self._row_margins.device)
         return self._row_margins[index].to(dtype)
 
-    def target_logit(self, cos_target: Tensor, ctx: MarginContext) -> Tensor:
-        m = self.row_margins(cos_target.shape[0], ctx, cos_target.dtype)
+    def target_logit(self, cos_target: Tensor, mctx: MarginContext) -> Tensor:
+        m = self.row_margins(cos_target.shape[0], mctx, cos_target.dtype)
         if self.kind == "cos":
             return self.scale * (cos_target - m)
         return self.scale * additive_angular(cos_target, m, self.fallback)

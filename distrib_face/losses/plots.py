@@ -26,16 +26,16 @@ def plot_margin_curves(path: str | Path, num_points: int = 721) -> Path:
     cos = torch.cos(theta)
     n = num_points
 
-    def ctx(norm: float = 1.0, w_norm: float = 1.0) -> MarginContext:
+    def margin_context(norm: float = 1.0, w_norm: float = 1.0) -> MarginContext:
         return MarginContext(feature_norms=torch.full((n, 1), norm, dtype=torch.float64),
                              weight_norms=torch.full((n,), w_norm, dtype=torch.float64))
 
     def curve(name: str, norm: float = 1.0, **kw: Any) -> np.ndarray:
         margin = create_margin(name, **kw)
         margin.set_num_classes(1000)
-        scale = margin.multiplier(ctx(norm))
+        scale = margin.multiplier(margin_context(norm))
         scale = float(scale if not isinstance(scale, torch.Tensor) else scale.reshape(-1)[0])
-        return (margin.target_logit(cos, ctx(norm)) / scale).numpy()
+        return (margin.target_logit(cos, margin_context(norm)) / scale).numpy()
 
     no_anneal = {"lambda_base": 0.0, "lambda_min": 0.0}
     curves: list[tuple[str, np.ndarray, dict[str, Any]]] = [
@@ -54,7 +54,7 @@ def plot_margin_curves(path: str | Path, num_points: int = 721) -> Path:
     ada.batch_std.fill_(1.0)
     for mean, label, style in ((60.0, "z=-1 (low quality)", ":"), (40.0, "z=+1 (high quality)", "--")):
         ada.batch_mean.fill_(mean)  # a norm of 50 against a batch mean of 60 / 40: z clipped to -1 / +1
-        values = (ada.target_logit(cos, ctx(50.0)) / ada.scale).numpy()
+        values = (ada.target_logit(cos, margin_context(50.0)) / ada.scale).numpy()
         curves.append((f"adaface m=0.4, {label}", values, dict(color="C6", ls=style)))
     for m, style in ((0.4, ":"), (0.6, "--")):
         curves.append((f"elasticface: one draw, m={m}", curve("arcface", angular_margin=m), dict(color="C7", ls=style)))

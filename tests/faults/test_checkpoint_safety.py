@@ -54,7 +54,7 @@ def _components(ctx, zero_stage: int, precision: str, seed: int = 0, auxiliary: 
     """A DeepSpeed engine (iresnet_tiny), a Partial-FC class shard with its optimiser and a centre loss, built
     as the trainer builds them (distrib_face.train.engine, parallel, losses), without the training loop."""
     from distrib_face.config import Config
-    from distrib_face.losses.auxiliary import build_auxiliary_losses
+    from distrib_face.parallel.auxiliary import build_auxiliary_losses
     from distrib_face.losses.margins import create_margin
     from distrib_face.parallel import ShardedMarginClassifier
     from distrib_face.parallel.optim import ShardOptimizer

@@ -6,6 +6,7 @@ subprocesses start together (a small pool), since each pays Python's and torch's
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = "distrib-face: error: "
+# "distrib-face: error: ..." or, for the training command (as argparse names a subcommand), "distrib-face train: error: ..."
+PREFIX = re.compile(r"^distrib-face( train)?: error: ")
 
 
 def _workspace(root: Path) -> dict[str, Path]:
@@ -97,7 +99,7 @@ def _env() -> dict[str, str]:
 def test_wrong_input_is_one_line_and_exit_2(outcomes, case_id, argv, needle):
     proc, _ = outcomes[case_id]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(PREFIX)]
+    errors = [line for line in lines if PREFIX.match(line)]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1, lines
