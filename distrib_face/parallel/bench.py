@@ -381,7 +381,7 @@ def format_table(results: list[BenchResult]) -> str:
     ``floor`` columns appear when the four-matmul floor was measured (``--floor``).
     """
     with_floor = any(math.isfinite(r.floor_ms) for r in results)
-    first = next((r for r in results if r.impl == "sharded"), None)
+    first = next((r for r in results if r.impl.startswith("sharded")), None)
     head = ("| impl | device | world | classes | batch/rank | sample rate | rows/step | dtype | ms/step | "
             + ("4-matmul floor ms | step / floor | " if with_floor else "")
             + "vs first | peak MB/rank | note |")
@@ -389,7 +389,7 @@ def format_table(results: list[BenchResult]) -> str:
     for r in results:
         floor = (f"{r.floor_ms:,.1f} | {r.ms_per_step / r.floor_ms:.2f}x | " if math.isfinite(r.floor_ms)
                  else "- | - | ") if with_floor else ""
-        rel = f"{r.ms_per_step / first.ms_per_step:.2f}x" if first is not None and r.impl == "sharded" else "-"
+        rel = f"{r.ms_per_step / first.ms_per_step:.2f}x" if first is not None and r.impl.startswith("sharded") else "-"
         rows = f"{r.rows_per_step:,}" if r.rows_per_step else "-"
         lines.append(
             f"| {r.impl} | {r.device} | {r.world_size} | {r.classes:,} | {r.batch_per_rank} | {r.sample_rate:g} | "
