@@ -389,7 +389,8 @@ def format_table(results: list[BenchResult]) -> str:
     for r in results:
         floor = (f"{r.floor_ms:,.1f} | {r.ms_per_step / r.floor_ms:.2f}x | " if math.isfinite(r.floor_ms)
                  else "- | - | ") if with_floor else ""
-        rel = f"{r.ms_per_step / first.ms_per_step:.2f}x" if first is not None and r.impl.startswith("sharded") else "-"
+        sharded = first is not None and r.impl.startswith("sharded")
+        rel = f"{r.ms_per_step / first.ms_per_step:.2f}x" if sharded else "-"
         rows = f"{r.rows_per_step:,}" if r.rows_per_step else "-"
         lines.append(
             f"| {r.impl} | {r.device} | {r.world_size} | {r.classes:,} | {r.batch_per_rank} | {r.sample_rate:g} | "
