@@ -206,7 +206,6 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
     from distrib_face.parallel.optim import ShardOptimizer
 
     device = torch.device(spec.device)
-    extra = weight_dtype_kwargs(spec.weight_dtype)
     rss_before = _current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -482,9 +482,9 @@ class ShardedMarginClassifier(nn.Module):
             if self._marker is None:
                 self._marker = new_marker(self.num_local_classes, self.storage_device)
             store = self.storage_device
+            keys = step_keys(stream_key(self.seed, self.rank), self.sample_step)
             index, target_slot, shortfall = sample_slots(
-                self._marker, local_target.to(store), owned.to(store), step_keys(stream_key(self.seed, self.rank), self.sample_step),
-                slots, self._draws[slots],
+                self._marker, local_target.to(store), owned.to(store), keys, slots, self._draws[slots],
             )
             self.step_errors[2] += shortfall.to(self.device)
             self.sample_step += 1

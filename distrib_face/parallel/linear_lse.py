@@ -11,8 +11,9 @@ times the upstream gradient times ``s r_c``, 0 at each row's target),
 using ``sum_b D_bc raw_bc = A_c . w_c``: the row dots come from whichever operand is smaller, the
 ``[B, chunk]`` block (``B <= D``: one product and one matrix-vector product) or the ``[chunk, D]`` gradient (a
 batched dot). The backward's element-wise work on the block is three passes (``exp(raw s r - shift)``, the
-target mask, the column scale), and the matmuls read each chunk of weights once. The Function also owns the gradient of each row's *target cosine* (an input computed
-before the margin's statistics, echoed as an output): its contribution to ``dL/du`` and to the target rows
+target mask, the column scale), and the matmuls read each chunk of weights once. The Function also owns
+the gradient of each row's *target cosine* (an input computed before the margin's statistics, echoed as
+an output): its contribution to ``dL/du`` and to the target rows
 of ``dL/dW`` is added in the same backward, so the weights never receive a second dense gradient that
 autograd would have to zero-fill and add. Rows whose target is on another rank carry ``target_col = -1``.
 
@@ -76,7 +77,8 @@ class Workspace:
         """A buffer for ``holder``'s next gradient; a fresh one while ``holder.grad`` still uses the kept one
         (a second backward before ``zero_grad`` accumulates: the new gradient must not alias the old)."""
         storage = self._storages.get("grad")
-        if holder.grad is not None and storage is not None and holder.grad.untyped_storage().data_ptr() == storage.data_ptr():
+        current = holder.grad
+        if current is not None and storage is not None and current.untyped_storage().data_ptr() == storage.data_ptr():
             return torch.empty_like(holder)
         return self.take("grad", tuple(holder.shape), holder.dtype, holder.device)
 

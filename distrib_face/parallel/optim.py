@@ -27,8 +27,8 @@ from torch import Tensor
 
 from distrib_face.parallel.classifier import ShardedMarginClassifier
 from distrib_face.parallel.rows import gather_rows, scatter_rows_
-from distrib_face.parallel.shard import advise_huge_pages
 from distrib_face.parallel.sampling import hash32_int, stream_key
+from distrib_face.parallel.shard import advise_huge_pages
 
 OPTIMIZERS = ("sgd", "adamw")
 ROUNDINGS = ("stochastic", "nearest")
@@ -168,7 +168,8 @@ class ShardOptimizer(torch.optim.Optimizer):
         generator = None
         if weight.dtype in _LOW_PRECISION and self.rounding == "stochastic":
             generator = torch.Generator(device=rows_in_use.device)
-            generator.manual_seed(hash32_int(stream_key(clf.seed, clf.rank, stream=1) ^ hash32_int(self.num_steps)) << 16 | self.num_steps & 0xFFFF)
+            key = hash32_int(stream_key(clf.seed, clf.rank, stream=1) ^ hash32_int(self.num_steps))
+            generator.manual_seed(key << 16 | self.num_steps & 0xFFFF)
         if index is None:
             self.row_steps += 1
             counts = self.row_steps

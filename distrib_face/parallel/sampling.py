@@ -173,9 +173,9 @@ def sample_slots(
         draws: :func:`num_draws` for ``(C_local, S)``.
 
     Returns:
-        ``slot_class`` ``[S]`` int64 (distinct local classes, increasing), ``target_slot`` ``[B]`` int64 (the slot of each
-        owned sample's class, ``-1`` elsewhere) and ``shortfall`` (0-d bool: fewer than ``S`` distinct classes
-        were drawn, which :func:`num_draws` makes rarer than ``2**-60`` per step).
+        ``slot_class`` ``[S]`` int64 (distinct local classes, increasing), ``target_slot`` ``[B]`` int64 (the
+        slot of each owned sample's class, ``-1`` elsewhere) and ``shortfall`` (0-d bool: fewer than ``S``
+        distinct classes were drawn, which :func:`num_draws` makes rarer than ``2**-60`` per step).
     """
     num_rows, trash = local_target.shape[0], marker.shape[0] - 1
     device = local_target.device

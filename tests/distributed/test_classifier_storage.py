@@ -120,9 +120,10 @@ def test_equal_batches_offload_and_bf16_storage(world, tmp_path):
             w_bf16 = torch.cat([r[("bf16", rate)][step]["w_before"] for r in results]).double().view(-1, 1, DIM)
             classes = None
             if rate < 1:
-                classes = torch.cat([r[("bf16", rate)][step]["index"] + s for r, (s, _) in zip(results, ranges)]).sort().values
+                parts = [r[("bf16", rate)][step]["index"] + s for r, (s, _) in zip(results, ranges)]
+                classes = torch.cat(parts).sort().values
             # On the same weights: fp32 statistics against fp64, relative 1e-5.
-            exact, _, grad64 = reference_loss(emb.float().double(), labels, w_bf16, "cosface", classes=classes,
+            exact, _, _ = reference_loss(emb.float().double(), labels, w_bf16, "cosface", classes=classes,
                                               margin_kwargs={"scale": SCALE})
             for r in results:
                 assert _rel(r[("bf16", rate)][step]["loss"], exact) < 1e-5, (rate, step)
@@ -130,8 +131,9 @@ def test_equal_batches_offload_and_bf16_storage(world, tmp_path):
                 # Against the unrounded fp32 weights: every logit moves by at most s |d cos|, the loss by twice that.
                 w32 = weight64.float().double()
                 cols = w32 if classes is None else w32[classes]
-                cos_diff = (F.normalize(emb, dim=1) @ (F.normalize(w_bf16 if classes is None else w_bf16[classes], dim=2)
-                                                        - F.normalize(cols, dim=2))[:, 0].t()).abs().max()
+                rounded = w_bf16 if classes is None else w_bf16[classes]
+                unit_diff = (F.normalize(rounded, dim=2) - F.normalize(cols, dim=2))[:, 0]  # [C, D]
+                cos_diff = (F.normalize(emb, dim=1) @ unit_diff.t()).abs().max()
                 fp32_loss, _, _ = reference_loss(emb, labels, w32, "cosface", classes=classes,
                                                  margin_kwargs={"scale": SCALE})
                 bound = 2 * SCALE * float(cos_diff) + 1e-5 * float(fp32_loss)

@@ -73,16 +73,16 @@ def test_training_step_never_synchronises_with_the_host(dtype):
 def test_host_offload_gives_the_in_device_losses_on_cuda():
     from distrib_face.parallel.optim import ShardOptimizer
 
+    def build(offload: str) -> ShardedMarginClassifier:
+        return ShardedMarginClassifier(50_000, 128, margin="cosface", sample_rate=0.1, device="cuda", seed=2,
+                                       offload=offload, equal_batches=True)
+
+    in_device, offloaded = build("none"), build("host")
+    assert offloaded.weight.is_pinned() and offloaded.weight.device.type == "cpu"
+    with torch.no_grad():  # CUDA's generator draws other numbers than the CPU's: start from the same rows
+        offloaded.weight.copy_(in_device.weight.detach().cpu())
     losses = {}
-    for offload in ("none", "host"):
-        clf = ShardedMarginClassifier(50_000, 128, margin="cosface", sample_rate=0.1, device="cuda", seed=2,
-                                      offload=offload, equal_batches=True)
-        if offload == "host":
-            assert clf.weight.is_pinned() and clf.weight.device.type == "cpu"
-            with torch.no_grad():
-                clf.weight.copy_(reference_weight)
-        else:
-            reference_weight = clf.weight.detach().cpu()  # CUDA's generator draws other numbers than the CPU's
+    for name, clf in (("none", in_device), ("host", offloaded)):
         opt = ShardOptimizer(clf, "sgd", lr=0.5)
         gen = torch.Generator().manual_seed(0)
         out = []
@@ -96,6 +96,6 @@ def test_host_offload_gives_the_in_device_losses_on_cuda():
             opt.zero_grad()
             out.append(float(loss))
         clf.flush()
-        losses[offload] = (out, clf.weight.detach().cpu())
+        losses[name] = (out, clf.weight.detach().cpu())
     assert losses["host"][0] == pytest.approx(losses["none"][0], rel=1e-6)
     torch.testing.assert_close(losses["host"][1], losses["none"][1], rtol=1e-6, atol=1e-7)

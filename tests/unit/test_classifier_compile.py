@@ -20,7 +20,8 @@ NUM_CLASSES, DIM, BATCH = 300, 16, 12
 
 def _pair(rate: float, margin: str) -> tuple:
     kwargs = dict(margin=margin, sample_rate=rate, seed=3, chunk_size=128)
-    eager, compiled = ShardedMarginClassifier(NUM_CLASSES, DIM, **kwargs), ShardedMarginClassifier(NUM_CLASSES, DIM, **kwargs)
+    eager = ShardedMarginClassifier(NUM_CLASSES, DIM, **kwargs)
+    compiled = ShardedMarginClassifier(NUM_CLASSES, DIM, **kwargs)
     return eager, ShardOptimizer(eager, "sgd", lr=0.5), compiled, ShardOptimizer(compiled, "sgd", lr=0.5)
 
 
@@ -56,7 +57,8 @@ def test_compiled_fullgraph_forward_and_backward_match_eager(backend, rate, marg
         assert (idx_e is None) == (rate == 1.0)
         if idx_e is not None:
             assert torch.equal(idx_c, idx_e)  # the same classes: the draw is a hash, not an RNG state
-    assert float((compiled.weight - eager.weight).detach().abs().max()) <= 1e-5 * float(eager.weight.detach().abs().max())
+    weight_diff = (compiled.weight - eager.weight).detach().abs().max()
+    assert float(weight_diff) <= 1e-5 * float(eager.weight.detach().abs().max())
     assert int(compiled.sample_step) == int(eager.sample_step) == (3 if rate < 1 else 0)
 
 

@@ -92,7 +92,8 @@ def test_uniform_draws_cover_the_range_evenly():
 def _sample(classes: int, labels: list[int], owned: list[bool], step: int, slots: int, marker=None, seed=0, rank=0):
     marker = new_marker(classes) if marker is None else marker
     keys = step_keys(stream_key(seed, rank), torch.tensor(step))
-    return sample_slots(marker, torch.tensor(labels), torch.tensor(owned), keys, slots, num_draws(classes, slots)), marker
+    draws = num_draws(classes, slots)
+    return sample_slots(marker, torch.tensor(labels), torch.tensor(owned), keys, slots, draws), marker
 
 
 def test_slots_are_distinct_sorted_hold_the_positives_and_map_each_target():
