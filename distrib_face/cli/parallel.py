@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the top N operators of two steps of each case (torch.profiler, self CPU time)")
     p.add_argument("--threads", type=int, default=0, help="threads per rank (0: the cores shared out over the ranks)")
+    p.add_argument("--interleave", action="store_true",
+                   help="several cases in one process, timed round-robin (steady ratios on a shared machine)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="time steps by the wall clock or by the process's CPU time (stable on a shared machine)")
     p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -81,7 +83,8 @@ def _bench_classifier(args: argparse.Namespace) -> int:
     )
     if args.plan:
         return _plan(args, spec, cases)
-    results = run_cases(spec, cases, baseline=not args.no_baseline)
+    results = run_cases(spec, cases, baseline=not args.no_baseline and not args.interleave,
+                        interleave=args.interleave)
     print(json.dumps(results_as_dicts(results), indent=2) if args.json else format_table(results))
     return 0
 

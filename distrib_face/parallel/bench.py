@@ -145,8 +145,8 @@ def _memory_mb(device: torch.device, rss_before: float) -> float:
     return _peak_rss_mb() - rss_before
 
 
-def _matmul_floor_ms(spec: BenchSpec, rows: int, device: torch.device) -> float:
-    """Median ms of the four matmuls of one fast-path step over ``rows`` class rows, chunked as the classifier.
+def _floor_fn(spec: BenchSpec, rows: int, device: torch.device) -> Any:
+    """The four matmuls of one fast-path step over ``rows`` class rows, chunked as the classifier.
 
     Outputs are preallocated (``out=``): the floor is the arithmetic, not the allocator.
     """
@@ -170,7 +170,12 @@ def _matmul_floor_ms(spec: BenchSpec, rows: int, device: torch.device) -> float:
             torch.mm(g_c, w_c, out=grad_x)  # embedding gradient (accumulated by the step; same cost)
             torch.mm(g_c.t(), x, out=grad_w[c0:c1])  # weight gradient
 
-    return statistics.median(_timed(four, spec, device))
+    return four
+
+
+def _matmul_floor_ms(spec: BenchSpec, rows: int, device: torch.device) -> float:
+    """Median ms of :func:`_floor_fn`'s four matmuls."""
+    return statistics.median(_timed(_floor_fn(spec, rows, device), spec, device))
 
 
 def _profile_table(step_fn: Any, rows: int) -> str:
@@ -199,16 +204,13 @@ def weight_dtype_kwargs(weight_dtype: str) -> dict[str, Any]:
     return {"dtype": parse_dtype(weight_dtype, "--weight-dtype")}
 
 
-def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
+def _build_case(spec: BenchSpec, group: Any = None) -> tuple[Any, Any, Any]:
+    """The classifier of ``spec`` with its optimizer and inputs: ``(step function, classifier, embeddings)``."""
     from distrib_face.losses import create_margin
     from distrib_face.parallel.classifier import ShardedMarginClassifier
-    from distrib_face.parallel.kernels import resolve_kernel
     from distrib_face.parallel.optim import ShardOptimizer
 
     device = torch.device(spec.device)
-    rss_before = _current_rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     clf = ShardedMarginClassifier(
         spec.classes, spec.embedding, margin=create_margin(spec.margin), sample_rate=spec.sample_rate,
         group=group, device=device, chunk_size=spec.chunk_size, compute_dtype=_compute_dtype(spec.dtype),
@@ -226,17 +228,76 @@ def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
         opt.zero_grad()
         emb.grad = None
 
-    times = _timed(step, spec, device)
-    used = "torch"
+    return step, clf, emb
+
+
+def _kernel_used(spec: BenchSpec, clf: Any, emb: Any) -> str:
+    from distrib_face.parallel.kernels import resolve_kernel
+
     if clf.margin.linear_scale is not None and clf.num_subcenters == 1 and not clf.bias_columns:
-        used = resolve_kernel(spec.kernel, emb, clf.weight, clf.compute_dtype)
+        return resolve_kernel(spec.kernel, emb, clf.weight, clf.compute_dtype)
+    return "torch"
+
+
+def _sharded_rank(spec: BenchSpec, group: Any = None) -> dict[str, Any]:
+    device = torch.device(spec.device)
+    rss_before = _current_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step, clf, emb = _build_case(spec, group)
+    times = _timed(step, spec, device)
     out: dict[str, Any] = {"ms": statistics.median(times), "mem": _memory_mb(device, rss_before),
-                           "rows": _rows_per_step(clf), "kernel": used}
+                           "rows": _rows_per_step(clf), "kernel": _kernel_used(spec, clf, emb)}
     if spec.floor:
         out["floor"] = _matmul_floor_ms(spec, out["rows"], device)
     if spec.profile:
         out["profile"] = _profile_table(step, spec.profile)
     return out
+
+
+def _interleaved(specs: list[BenchSpec]) -> list[dict[str, Any]]:
+    """Every case of ``specs`` built in this process and timed round-robin, one step of each in turn.
+
+    On a shared machine the conditions (other processes' load, memory traffic, clock speed) drift within
+    seconds; cases timed in alternation see the same drift, so their *ratios* hold even when the absolute
+    times do not. Memory is not isolated per case (reported as NaN).
+    """
+    device = torch.device(specs[0].device)
+    cases = [_build_case(spec) for spec in specs]
+    floors = [_floor_fn(spec, _rows_per_step_after(step, clf), device) if spec.floor else None
+              for spec, (step, clf, _) in zip(specs, cases)]
+    clock = time.process_time if specs[0].clock == "cpu" else time.perf_counter
+    for _ in range(specs[0].warmup):
+        for (step, _, _), floor in zip(cases, floors):
+            step()
+            if floor is not None:
+                floor()
+    times: list[list[float]] = [[] for _ in cases]
+    floor_times: list[list[float]] = [[] for _ in cases]
+    for _ in range(specs[0].steps):
+        for i, ((step, _, _), floor) in enumerate(zip(cases, floors)):
+            t0 = clock()
+            step()
+            times[i].append((clock() - t0) * 1000.0)
+            if floor is not None:
+                t0 = clock()
+                floor()
+                floor_times[i].append((clock() - t0) * 1000.0)
+    out = []
+    for i, (spec, (step, clf, emb)) in enumerate(zip(specs, cases)):
+        row: dict[str, Any] = {"ms": statistics.median(times[i]), "mem": float("nan"), "rows": _rows_per_step(clf),
+                               "kernel": _kernel_used(spec, clf, emb)}
+        if floor_times[i]:
+            row["floor"] = statistics.median(floor_times[i])
+        if spec.profile:
+            row["profile"] = _profile_table(step, spec.profile)
+        out.append(row)
+    return out
+
+
+def _rows_per_step_after(step: Any, clf: Any) -> int:
+    step()  # one step, so that the classifier knows the rows it uses
+    return _rows_per_step(clf)
 
 
 def measure_peak(spec: BenchSpec) -> dict[str, float]:
@@ -295,15 +356,18 @@ def _baseline(spec: BenchSpec) -> tuple[float, float]:
     return statistics.median(times), _memory_mb(device, rss_before)
 
 
-def _worker(rank: int, spec: BenchSpec, store: str, out_dir: str, impl: str) -> None:
-    threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.world_size)
+def _worker(rank: int, spec: Any, store: str, out_dir: str, impl: str) -> None:
+    first = spec[0] if isinstance(spec, list) else spec
+    threads = first.threads or max(1, (os.cpu_count() or 1) // first.world_size)
     torch.set_num_threads(threads)
     group = None
-    if impl == "sharded" and spec.world_size > 1:
+    if impl == "sharded" and first.world_size > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size))
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=spec.world_size)
     try:
-        if impl == "sharded":
+        if impl == "interleaved":
+            result = _interleaved(spec)  # a list of specs, all in this process
+        elif impl == "sharded":
             result = _sharded_rank(spec, group)
         else:
             ms, mem = _baseline(spec)
@@ -315,7 +379,7 @@ def _worker(rank: int, spec: BenchSpec, store: str, out_dir: str, impl: str) -> 
         json.dump(result, handle)
 
 
-def _spawn(spec: BenchSpec, impl: str, nprocs: int) -> list[dict[str, Any]]:
+def _spawn(spec: Any, impl: str, nprocs: int) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="df-bench-") as tmp:
         mp.start_processes(_worker, args=(spec, os.path.join(tmp, "store"), tmp, impl), nprocs=nprocs,
                            join=True, start_method="spawn")
@@ -366,8 +430,24 @@ def run_benchmark(spec: BenchSpec, baseline: bool = True) -> list[BenchResult]:
     return results
 
 
-def run_cases(spec: BenchSpec, cases: list[tuple[int, float]], baseline: bool = True) -> list[BenchResult]:
-    """:func:`run_benchmark` for each ``(classes, sample_rate)`` of ``cases``, one after the other."""
+def run_cases(spec: BenchSpec, cases: list[tuple[int, float]], baseline: bool = True,
+              interleave: bool = False) -> list[BenchResult]:
+    """:func:`run_benchmark` for each ``(classes, sample_rate)`` of ``cases``, one after the other; with
+    ``interleave`` (CPU, world 1, no baseline) all cases in one process, timed round-robin."""
+    if interleave:
+        if spec.world_size != 1 or not spec.device.startswith("cpu"):
+            raise ValueError("--interleave runs the cases in one CPU process: --world-size 1 --device cpu")
+        specs = [dataclasses.replace(spec, classes=c, sample_rate=r) for c, r in cases]
+        rows = _spawn(specs, "interleaved", 1)[0]
+        out = []
+        for case, row in zip(specs, rows):
+            out.append(BenchResult(
+                f"sharded ({row['kernel']})", world_size=1, classes=case.classes, batch_per_rank=case.batch,
+                sample_rate=case.sample_rate, dtype=case.dtype, device=case.device, ms_per_step=row["ms"],
+                peak_mem_mb=float("nan"), note="cases interleaved in one process", rows_per_step=row["rows"],
+                floor_ms=row.get("floor", float("nan")), profile=row.get("profile", ""),
+            ))
+        return out
     results = []
     for classes, rate in cases:
         results += run_benchmark(dataclasses.replace(spec, classes=classes, sample_rate=rate), baseline=baseline)
@@ -393,13 +473,17 @@ def format_table(results: list[BenchResult]) -> str:
         rows = f"{r.rows_per_step:,}" if r.rows_per_step else "-"
         lines.append(
             f"| {r.impl} | {r.device} | {r.world_size} | {r.classes:,} | {r.batch_per_rank} | {r.sample_rate:g} | "
-            f"{rows} | {r.dtype} | {r.ms_per_step:,.1f} | {floor}{rel} | {r.peak_mem_mb:,.0f} | {r.note} |"
+            f"{rows} | {r.dtype} | {r.ms_per_step:,.1f} | {floor}{rel} | {_mb(r.peak_mem_mb)} | {r.note} |"
         )
     for r in results:
         if r.profile:
             lines += ["", f"Top operators, {r.classes:,} classes at rate {r.sample_rate:g} (2 steps, rank 0 of the "
                       "slowest):", "", "```", r.profile.rstrip(), "```"]
     return "\n".join(lines)
+
+
+def _mb(value: float) -> str:
+    return f"{value:,.0f}" if math.isfinite(value) else "-"
 
 
 def results_as_dicts(results: list[BenchResult]) -> list[dict[str, Any]]:
