@@ -264,3 +264,22 @@ def test_a_nan_weight_row_makes_the_loss_nan_not_zero():
     stats.update(torch.tensor([[0.0, float("nan")], [float("-inf"), float("-inf")]], dtype=torch.float64))
     lse = stats.logsumexp(None, extra=torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert torch.isnan(lse[0]) and lse[1].item() == 2.0  # an all-masked row is just its target
+
+
+@pytest.mark.parametrize("offload", ["none", "host"])
+def test_prefetch_then_forward_equals_forward(offload):
+    """prefetch(labels) plans the step early (sampling, the rows' copy); the forward then uses that plan."""
+    torch.manual_seed(0)
+    emb, labels = torch.randn(6, 8), torch.randint(0, 200, (6,))
+    results = []
+    for prefetch in (False, True):
+        clf = ShardedMarginClassifier(200, 8, margin="cosface", sample_rate=0.1, seed=3, offload=offload)
+        if prefetch:
+            clf.prefetch(labels)
+            assert int(clf.sample_step) == 1  # sampled now, not again in the forward
+        loss = clf(emb, labels)
+        loss.backward()
+        index, rows = clf.active_rows()
+        results.append((loss.detach(), index.clone(), rows.grad.clone(), int(clf.sample_step)))
+    for a, b in zip(*results):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
