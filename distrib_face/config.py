@@ -204,7 +204,14 @@ class LossConfig:
     chunk_size: int | None = None
     """Classes per chunk of the logit computation (bounds the peak memory); ``None``: the classifier's default."""
     compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    """dtype of the logit matmul (``None``: the weight dtype, fp32)."""
+    """dtype of the logit matmul (``None``: fp32, whatever ``weight_dtype`` is)."""
+    weight_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage dtype of the class weights and of their optimizer state (SGD momentum, AdamW moments). ``bf16``
+    halves the shard (2 bytes per value); softmax statistics, target logits and the update's arithmetic stay
+    fp32, and updated rows are written back with stochastic rounding (docs/classifier.md: accuracy effect)."""
+    offload: Literal["none", "host"] = "none"
+    """``host``: the class shard and its optimizer state live in host memory (pinned on CUDA) and each step moves
+    only the rows in use to the device, overlapped with the backbone's forward; ``none``: all on the device."""
     kernel: Literal["auto", "torch", "triton"] = "auto"
     """How the margin softmax of ``s * cos`` margins (normface, cosface, arcface, combined) is computed:
     ``torch`` (chunked matmuls, any device), ``triton`` (fused kernels that never write a ``[B, chunk]``
@@ -249,6 +256,11 @@ class LossConfig:
         if self.chunk_size is not None:
             _check_positive("loss.chunk_size", self.chunk_size)
         _check_choice("loss.compute_dtype", self.compute_dtype, (None, "fp32", "bf16", "fp16"))
+        _check_choice("loss.weight_dtype", self.weight_dtype, ("fp32", "bf16"))
+        _check_choice("loss.offload", self.offload, ("none", "host"))
+        if self.offload == "host" and any(dict(spec).get("name") == "uploss" for spec in self.auxiliary):
+            _fail("loss.offload", "must be 'none' with the auxiliary loss 'uploss' (it differentiates the whole "
+                  "shard in device memory)", self.offload)
         _check_choice("loss.kernel", self.kernel, ("auto", "torch", "triton"))
         if self.grad_filter is not None:
             if self.kernel == "torch":

@@ -11,10 +11,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p = groups["bench"].add_parser(
         "classifier", help="ms/step and peak memory of the sharded classifier vs a naive whole-matrix baseline"
     )
-    p.add_argument("--classes", type=int, required=True, help="number of identities")
+    p.add_argument("--classes", required=True,
+                   help="number of identities; a comma list (100000,1000000) runs several cases in one invocation")
     p.add_argument("--batch", type=int, default=256, help="batch per rank (the baseline runs the global batch)")
     p.add_argument("--embedding", type=int, default=512, help="embedding size")
-    p.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
+    p.add_argument("--sample-rate", default="1.0",
+                   help="Partial FC sample rate; a comma list gives one rate per --classes entry")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="matmul dtype")
     p.add_argument("--world-size", type=int, default=1, help="gloo ranks on this machine (CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -24,9 +26,27 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--margin", default="arcface", help="margin name")
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"],
                    help="classifier kernel (auto: triton on CUDA when it imports)")
-    p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="storage dtype of the class weights (other than fp32: when the classifier supports it)")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the four matmuls of each step on the rows it uses (the floor of the fast path)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the top N operators of two steps of each case (torch.profiler, self CPU time)")
+    p.add_argument("--threads", type=int, default=0, help="threads per rank (0: the cores shared out over the ranks)")
+    p.add_argument("--interleave", action="store_true",
+                   help="several cases in one process, timed round-robin (steady ratios on a shared machine)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="time steps by the wall clock or by the process's CPU time (stable on a shared machine)")
+    p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="storage dtype of the class weights and their optimizer state")
+    p.add_argument("--offload", default="none", choices=["none", "host"],
+                   help="host: shard and optimizer state in host memory, rows in use moved to the device")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="the shard optimizer")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan (bytes per class per component, largest C that fits) instead of timing")
+    p.add_argument("--device-memory", default="80GB", help="--plan: memory of one device (80GB, 80GiB, 24GB...)")
+    p.add_argument("--reserve", default="0", help="--plan: device memory kept for the backbone and context")
+    p.add_argument("--measure", action="store_true",
+                   help="--plan: also run each case on this CPU and print the measured peak next to the plan")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench_classifier)
 
@@ -37,17 +57,69 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     r.set_defaults(func=_reshard)
 
 
-def _bench_classifier(args: argparse.Namespace) -> int:
-    from distrib_face.parallel.bench import BenchSpec, format_table, results_as_dicts, run_benchmark
+def _cases(classes: str, rates: str) -> list[tuple[int, float]]:
+    try:
+        counts = [int(c) for c in classes.split(",")]
+        values = [float(r) for r in rates.split(",")]
+    except ValueError as err:
+        raise SystemExit(f"--classes / --sample-rate must be numbers or comma lists of numbers: {err}") from None
+    if len(values) == 1:
+        values *= len(counts)
+    if len(values) != len(counts):
+        raise SystemExit(f"--sample-rate has {len(values)} entries for {len(counts)} --classes entries")
+    return list(zip(counts, values))
 
+
+def _bench_classifier(args: argparse.Namespace) -> int:
+    from distrib_face.parallel.bench import BenchSpec, format_table, results_as_dicts, run_cases
+
+    cases = _cases(args.classes, args.sample_rate)
     spec = BenchSpec(
-        classes=args.classes, batch=args.batch, embedding=args.embedding, sample_rate=args.sample_rate,
+        classes=cases[0][0], batch=args.batch, embedding=args.embedding, sample_rate=cases[0][1],
         dtype=args.dtype, world_size=args.world_size, steps=args.steps, warmup=args.warmup,
-        chunk_size=args.chunk_size, margin=args.margin, device=args.device, kernel=args.kernel,
-        weight_dtype=args.weight_dtype,
+        chunk_size=args.chunk_size, margin=args.margin, device=args.device, kernel=args.kernel, floor=args.floor,
+        profile=args.profile, weight_dtype=args.weight_dtype, offload=args.offload, optimizer=args.optimizer,
+        threads=args.threads, clock=args.clock,
     )
-    results = run_benchmark(spec, baseline=not args.no_baseline)
+    if args.plan:
+        return _plan(args, spec, cases)
+    results = run_cases(spec, cases, baseline=not args.no_baseline and not args.interleave,
+                        interleave=args.interleave)
     print(json.dumps(results_as_dicts(results), indent=2) if args.json else format_table(results))
+    return 0
+
+
+def _plan(args: argparse.Namespace, spec: object, cases: list[tuple[int, float]]) -> int:
+    import dataclasses
+
+    from distrib_face.parallel.bench import measure_peak
+    from distrib_face.parallel.plan import PlanSpec, format_plan, format_plan_summary, make_plan, parse_bytes
+
+    try:
+        memory, reserve = parse_bytes(args.device_memory), parse_bytes(args.reserve)
+    except ValueError as err:
+        raise SystemExit(f"--device-memory / --reserve: {err}") from None
+    plans, measured = [], []
+    for classes, rate in cases:
+        plan_spec = PlanSpec(classes=classes, embedding=args.embedding, batch=args.batch, world_size=args.world_size,
+                             sample_rate=rate, weight_dtype=args.weight_dtype, offload=args.offload,
+                             optimizer=args.optimizer, chunk_size=args.chunk_size)
+        plans.append(make_plan(plan_spec, memory, reserve))
+        if args.measure:
+            measured.append(measure_peak(dataclasses.replace(spec, classes=classes, sample_rate=rate,
+                                                             steps=2, warmup=1, floor=False, profile=0)))
+    if args.json:
+        rows = [{"classes": p.spec.classes, "sample_rate": p.spec.sample_rate, "device_bytes": p.device_total,
+                 "host_bytes": p.host_total, "max_classes": p.max_classes,
+                 "components": [dataclasses.asdict(c) for c in p.components]} for p in plans]
+        for row, m in zip(rows, measured):
+            row.update(m)
+        print(json.dumps(rows, indent=2))
+        return 0
+    if len(plans) > 1 or measured:
+        print(format_plan_summary(plans, measured))
+        print()
+    print(format_plan(plans[-1]))
     return 0
 
 

@@ -1,9 +1,11 @@
 """Classifier-shard checkpoints: one file per rank, loadable at any world size.
 
 A shard file ``classifier-RRRRR-of-WWWWW.pt`` holds ``meta`` (num_classes, embedding_size,
-num_subcenters, the class range, rank, world size, the margin spec), the weight rows ``[C_r, K, D]``, the
-margin's state, the sampling step and, optionally, the :class:`ShardOptimizer` state rows. Files are
-written atomically (temp file, fsync, rename) and read with ``torch.load(weights_only=True)``.
+num_subcenters, the class range, rank, world size, the margin spec, the storage dtype), the weight rows
+``[C_r, K, D]`` in their storage dtype (float32 or bfloat16), the margin's state, the sampling step and,
+optionally, the :class:`ShardOptimizer` state rows (same dtype). Files are written atomically (temp file,
+fsync, rename) and read with ``torch.load(weights_only=True)``. A shard loads into a classifier of either
+storage dtype (values are converted; bf16 -> fp32 is exact) and into an offloaded one (rows in host memory).
 
 Because a class's rows carry their global class index implicitly (the class range), any set of shards
 written by W ranks can be cut into W' shards: :func:`load_shard_from_dir` takes this rank's slice from
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from distrib_face.atomic import atomic_open
+from distrib_face.dtypes import short_name
 from distrib_face.parallel.classifier import ShardedMarginClassifier
 from distrib_face.parallel.optim import ShardOptimizer
 from distrib_face.parallel.shard import class_range
@@ -60,6 +63,7 @@ def save_shard(directory: str | os.PathLike, classifier: ShardedMarginClassifier
     """Write this rank's shard (and its optimizer state) into ``directory``; returns the file path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    classifier.flush()  # offload: pending row updates land in host memory first
     start, stop = classifier.class_range
     meta = {
         "num_classes": classifier.num_classes,
@@ -72,6 +76,7 @@ def save_shard(directory: str | os.PathLike, classifier: ShardedMarginClassifier
         "margin": classifier.margin.spec.to_dict(),
         "seed": classifier.seed,
         "sample_rate": classifier.sample_rate,
+        "weight_dtype": short_name(classifier.weight.dtype),
     }
     k, d = classifier.num_subcenters, classifier.weight.shape[1]  # d includes a bias column if the margin has one
     opt_state = None
@@ -82,6 +87,7 @@ def save_shard(directory: str | os.PathLike, classifier: ShardedMarginClassifier
             "param_group": state["param_group"],
             "buffers": {n: b.detach().cpu().view(-1, k, d) for n, b in state["buffers"].items()},
             "row_steps": state["row_steps"].cpu(),
+            "num_steps": int(state["num_steps"]),
         }
     path = directory / shard_filename(classifier.rank, classifier.world_size)
     payload = _shard_payload(
@@ -150,7 +156,7 @@ def _check_fits(source: _Source, num_classes: int, embedding_size: int, num_subc
 
 def _assemble(sources: list[_Source], start: int, stop: int, with_optimizer: bool) -> dict[str, Any]:
     """Rows ``[start, stop)`` (and optimizer rows) gathered from the overlapping source shards."""
-    weights, buffers, row_steps, opt_name, opt_group = [], {}, [], None, None
+    weights, buffers, row_steps, opt_name, opt_group, num_steps = [], {}, [], None, None, 0
     for src in sources:
         lo, hi = max(start, src.meta["class_start"]), min(stop, src.meta["class_stop"])
         if lo >= hi:
@@ -162,6 +168,7 @@ def _assemble(sources: list[_Source], start: int, stop: int, with_optimizer: boo
             if opt is None:
                 raise ValueError(f"{src.path}: has no optimizer state to restore")
             opt_name, opt_group = opt["name"], opt["param_group"]
+            num_steps = max(num_steps, int(opt.get("num_steps", 0)))
             for name, buf in opt["buffers"].items():
                 buffers.setdefault(name, []).append(buf[a:b])
             row_steps.append(opt["row_steps"][a:b])
@@ -171,6 +178,7 @@ def _assemble(sources: list[_Source], start: int, stop: int, with_optimizer: boo
             "name": opt_name, "param_group": opt_group,
             "buffers": {n: torch.cat(parts) for n, parts in buffers.items()},
             "row_steps": torch.cat(row_steps),
+            "num_steps": num_steps,
         }
     return out
 
@@ -200,6 +208,7 @@ def load_shard_from_dir(directory: str | os.PathLike, classifier: ShardedMarginC
             "name": opt["name"], "param_group": opt["param_group"],
             "buffers": {n: b.reshape(weight.shape).to(weight.device, weight.dtype) for n, b in opt["buffers"].items()},
             "row_steps": opt["row_steps"].to(weight.device),
+            "num_steps": opt["num_steps"],
         })
     logger.info("loaded classes [%d, %d) from %d shard file(s) in %s", start, stop, len(sources), directory)
 

@@ -20,7 +20,7 @@ The backward recomputes each chunk's logits (like activation checkpointing), so 
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -40,9 +40,21 @@ from distrib_face.parallel.kernels import (
     filter_threshold,
     linear_margin_logsumexp,
     require_triton,
+    resolve_kernel,
 )
-from distrib_face.parallel.softmax_stats import OnlineLogSumExp
+from distrib_face.parallel.linear_lse import LinearNegativeLogSumExp, Workspace
+from distrib_face.parallel.rows import gather_rows, scatter_rows_
+from distrib_face.parallel.sampling import (
+    new_marker,
+    num_draws,
+    num_sampled_classes,
+    num_slots,
+    sample_slots,
+    step_keys,
+    stream_key,
+)
 from distrib_face.parallel.shard import class_range, init_class_rows
+from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +74,10 @@ def _cosines(
     When the margin does not normalise weights the "cosine" carries the weight norm (a plain dot product
     divided by the feature norm), which is what unnormalised-weight margins expect.
     """
+    out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
+    weight = weight.to(out_dtype)  # low-precision storage (bf16): norms and cosines in the statistics dtype
     x_unit, x_norm = _normalize(embeddings)
     w = _normalize(weight)[0] if margin.normalize_weights else weight
-    out_dtype = torch.promote_types(embeddings.dtype, torch.float32)
     if compute_dtype is not None and compute_dtype != x_unit.dtype:
         cos = (x_unit.to(compute_dtype) @ w.to(compute_dtype).t()).to(out_dtype)
     else:
@@ -84,17 +97,15 @@ def _chunk_logits(
     num_subcenters: int,
     compute_dtype: torch.dtype | None,
 ) -> Tensor:
-    """Non-target logits ``[B, c]`` of one class chunk; each row's own target (if here) is ``-inf``."""
+    """Non-target logits ``[B, c]`` of one class chunk; each row's own target (if here) is ``-inf``.
+
+    The mask is a comparison with the chunk's columns (fixed shape, no host synchronisation); autograd
+    differentiates through ``masked_fill``.
+    """
     cos, x_norm = _cosines(embeddings, weight_chunk, margin, num_subcenters, compute_dtype)
     logits = margin.negative_logits(cos, MarginContext(x_norm, ctx.labels, ctx.target_cos))
-    cols = target_col - chunk_start
-    here = (cols >= 0) & (cols < logits.shape[1])
-    if bool(here.any()):
-        mask = torch.zeros_like(logits, dtype=torch.bool)
-        rows = here.nonzero(as_tuple=True)[0]
-        mask[rows, cols[rows]] = True
-        logits = logits.masked_fill(mask, float("-inf"))
-    return logits
+    columns = torch.arange(chunk_start, chunk_start + logits.shape[1], device=logits.device)  # [c]
+    return logits.masked_fill(target_col[:, None] == columns[None, :], float("-inf"))
 
 
 def _target_cosines(
@@ -209,6 +220,31 @@ class _ShardedNegativeLogSumExp(torch.autograd.Function):
         return grad_embeddings, grad_weight, grad_target, None, None, None, None, None, None, None
 
 
+OFFLOAD_MODES = ("none", "host")
+
+
+@dataclass
+class StepRows:
+    """What one step computes with, decided from the labels before the embeddings are needed.
+
+    Attributes:
+        local_labels: the ``[B_local]`` labels it was planned for (``prefetch`` matches on identity).
+        labels: ``[B_global]`` gathered labels, out-of-range ones replaced by 0 (they are counted instead).
+        owned: ``[B_global]`` bool, the label is a class of this rank.
+        target_col: ``[B_global]`` the row of each owned label among the rows in use (its slot when
+            sampling), ``-1`` elsewhere.
+        index: ``[S]`` local classes in use (slot order), or ``None`` for the whole shard.
+        weight: the rows in use: the shard itself (in-device, no sampling) or the row buffer.
+    """
+
+    local_labels: Tensor
+    labels: Tensor
+    owned: Tensor
+    target_col: Tensor
+    index: Tensor | None
+    weight: Tensor
+
+
 class ShardedMarginClassifier(nn.Module):
     """A margin-softmax classifier whose weight matrix is split by class over the ranks of ``group``.
 
@@ -216,11 +252,15 @@ class ShardedMarginClassifier(nn.Module):
         num_classes: total number of identities ``C``.
         embedding_size: embedding dimension ``D``.
         margin: a margin name (paper defaults), a :class:`MarginSpec`, or a :class:`Margin`.
-        sample_rate: Partial FC rate; ``< 1`` keeps each step every class of this shard that is a target
-            in the global batch plus uniformly sampled negatives, up to ``ceil(sample_rate * C_local)``.
+        sample_rate: Partial FC rate; ``< 1`` keeps each training step every class of this shard that is a
+            target in the global batch plus uniform negatives, ``num_slots`` classes in all
+            (:mod:`distrib_face.parallel.sampling`; ``ceil(sample_rate x C_local)`` with the rounding rule of
+            :func:`~distrib_face.parallel.sampling.num_sampled_classes`).
         group: the process group of the class shards (``None``: the default group or a world of 1).
-        dtype: storage dtype of the weights (float32; float64 for reference tests).
-        device: where the shard lives.
+        dtype: storage dtype of the weights: float32; bfloat16 halves the shard (statistics, target logits and
+            the update's arithmetic stay float32; see :class:`~distrib_face.parallel.optim.ShardOptimizer`);
+            float64 for reference tests.
+        device: where the classifier computes (and, without offload, where the shard lives).
         seed: weights are ``N(0, 0.01)`` drawn per class block from ``seed``: the same matrix at any world size.
         chunk_size: classes per chunk of the logit computation (bounds peak memory).
         compute_dtype: dtype of the cosine matmuls (e.g. ``torch.bfloat16``); softmax statistics stay float32+.
@@ -228,6 +268,13 @@ class ShardedMarginClassifier(nn.Module):
             when the backbone's gradients are averaged over ranks (DeepSpeed / DDP), as arcface_torch does.
         num_subcenters: ``K`` sub-centres per class (kept on the same shard; the cosine is their max);
             ``None``: the margin's (3 for ``subcenter_arcface``, else 1).
+        equal_batches: every rank passes the same number of rows each call (a trainer with ``drop_last``):
+            the gathers then skip the all-gather of the sizes and its host synchronisation. Unequal sizes
+            with this flag set make the collectives fail.
+        offload: ``"host"`` keeps the shard (and the optimizer's state) in host memory, pinned when ``device``
+            is CUDA, and moves only the rows in use to the device each step (:meth:`prefetch` overlaps the copy
+            with the backbone's forward on a side stream). On a CPU device the host *is* the device and the
+            losses equal the in-device path's.
         kernel: how margins with ``s * cos`` non-target logits are computed: ``"torch"`` (chunked
             matmuls), ``"triton"`` (fused kernels, :mod:`distrib_face.parallel.kernels`; needs triton and
             CUDA tensors) or ``"auto"`` (triton on CUDA when it is importable, else torch).
@@ -238,6 +285,10 @@ class ShardedMarginClassifier(nn.Module):
         ``loss = clf(local_embeddings, local_labels)`` returns the mean loss over the global batch,
         identical on every rank; ``loss.backward()`` fills the local embeddings' gradient with exactly
         what one process holding the whole matrix would compute.
+
+    Labels outside ``[0, num_classes)`` are not checked with a host synchronisation: they are counted on
+    the device (their rows then belong to no class and carry a target logit of 0) and
+    :meth:`check_step_errors` raises on the next call, which the trainer makes when it logs.
     """
 
     def __init__(
@@ -254,6 +305,8 @@ class ShardedMarginClassifier(nn.Module):
         compute_dtype: torch.dtype | None = None,
         embedding_grad_scale: float = 1.0,
         num_subcenters: int | None = None,
+        equal_batches: bool = False,
+        offload: str = "none",
         kernel: str = "auto",
         grad_filter: float | str | None = None,
     ) -> None:
@@ -268,6 +321,10 @@ class ShardedMarginClassifier(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            raise ValueError(f"dtype (the weights' storage) must be float32, float64 or bfloat16, got {dtype}")
         self.margin = create_margin(margin)
         margin_k = int(getattr(self.margin, "num_subcenters", 1))
         if num_subcenters is None:
@@ -282,56 +339,261 @@ class ShardedMarginClassifier(nn.Module):
         self.class_range = class_range(self.num_classes, self.rank, self.world_size)
         self.num_local_classes = self.class_range[1] - self.class_range[0]
         self.num_subcenters = int(num_subcenters)
-        self.sample_rate, self.seed, self.chunk_size = float(sample_rate), int(seed), int(chunk_size)
+        self.sample_rate, self.seed, self.chunk_size = sample_rate, int(seed), int(chunk_size)
         self.compute_dtype, self.embedding_grad_scale = compute_dtype, float(embedding_grad_scale)
+        self.equal_batches, self.offload = bool(equal_batches), offload
         self.margin.set_num_classes(self.num_classes)
         # A margin with a per-class bias (plain softmax) gets it as an extra weight column, fed by a constant-1
         # feature: the shard, its optimizer state and Partial FC sampling then cover the bias with no extra code.
         self.bias_columns = 1 if getattr(self.margin, "uses_bias", False) else 0
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        #: Where the shard and its optimizer state live: the host when offloaded, else the compute device.
+        self.storage_device = torch.device("cpu") if offload == "host" else self.device
         rows = init_class_rows(
             *self.class_range, (self.num_subcenters, self.embedding_size + self.bias_columns), seed=self.seed,
-            dtype=dtype, device=device,
+            dtype=dtype, device=self.storage_device,
         )
         if self.bias_columns:
             rows[..., -1] = 0.0
-        # [C_local * K, D (+1 bias column)]: sub-centres of a class are adjacent rows.
-        self.weight = nn.Parameter(rows.view(-1, rows.shape[-1]))
-        self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64), persistent=True)
-        self._active: tuple[Tensor | None, Tensor] | None = None
+        rows = rows.view(-1, rows.shape[-1])  # [C_local * K, D (+1 bias column)]: sub-centres of a class adjacent
+        if offload == "host" and self.device.type == "cuda":
+            rows = rows.pin_memory()  # asynchronous copies to the device
+        # Autograd reaches the shard itself only on the in-device path without sampling; otherwise the rows in
+        # use are gathered into a buffer each step and only that buffer gets a gradient.
+        self.weight = nn.Parameter(rows, requires_grad=offload == "none")
+        self.register_buffer(
+            "sample_step", torch.zeros((), dtype=torch.int64, device=self.storage_device), persistent=True
+        )
+        #: Device-side counters read by :meth:`check_step_errors`: labels outside [0, C), one such label,
+        #: sampling shortfalls (fewer distinct classes drawn than slots; rarer than 2**-60 per step).
+        self.register_buffer("step_errors", torch.zeros(3, dtype=torch.int64, device=self.device), persistent=False)
+        self.register_buffer("_marker", None, persistent=False)  # the sampler's [C_local + 1] int32 marker
+        if self.sample_rate < 1.0:
+            self._marker = new_marker(self.num_local_classes, self.storage_device)
+        self._rows_buffer: Tensor | None = None  # [rows in use, D] leaf on the compute device
+        self._draws: dict[int, int] = {}  # slots -> uniform draws that hold them (sampling.num_draws)
+        self.sample_rate = sample_rate  # again, now that the shard exists: allocates the row buffer
+        self._staging: dict[str, Tensor] = {}  # offload: [rows in use, D] host buffers, pinned on CUDA
+        self._rows_ready: Any = None  # CUDA event: the rows buffer holds this step's rows (offload)
+        self._copy_stream: Any = None
+        self._pending_writeback: list[Any] = []  # offload: updated rows on their way back to the host
+        self._active: tuple[Tensor | None, Tensor, Tensor | None] | None = None
+        self._prefetched: StepRows | None = None
+        self._workspace = Workspace()  # the fast path's reused chunk block and row gradient (eager mode)
         #: Use the analytic-backward path for margins whose non-target logits are ``s * cos`` (see linear_lse).
         self.fast_path = True
 
     # ----------------------------------------------------------------------------------------------
     @property
+    def sample_rate(self) -> float:
+        """The Partial FC rate (settable; 1.0 turns sampling off)."""
+        return self._sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, rate: float) -> None:
+        # The count is fixed here, on the host, once: forward (and torch.compile) then only reads an int.
+        self._num_sampled = num_sampled_classes(rate, self.num_local_classes)
+        self._sample_rate = float(rate)
+        if rate < 1.0 and self._num_sampled < self.num_local_classes and hasattr(self, "weight"):
+            # The row buffer of the usual slot count (num_sampled >= B_global) exists before any forward, so
+            # that a compiled forward only writes into it (a graph cannot create a leaf that needs a gradient).
+            self._row_buffer(self._num_sampled * self.num_subcenters)
+            self._draws.setdefault(self._num_sampled, num_draws(self.num_local_classes, self._num_sampled))
+
+    @property
     def num_sampled(self) -> int:
-        """Classes this shard keeps per step when sampling: ``ceil(sample_rate * C_local)``."""
-        return min(self.num_local_classes, math.ceil(self.sample_rate * self.num_local_classes))
+        """Classes this shard samples per step: ``ceil(sample_rate x C_local)`` (exact decimal rule)."""
+        return self._num_sampled
 
-    def sample_classes(self, local_positive: Tensor, step: int) -> Tensor:
-        """Sorted local class indices kept this step: all ``local_positive`` plus uniform negatives.
+    def num_slots(self, global_batch: int) -> int:
+        """Classes a sampled training step keeps for a global batch of ``global_batch`` rows (>= num_sampled)."""
+        return num_slots(self.num_sampled, global_batch, self.num_local_classes)
 
-        Deterministic in ``(seed, rank, step)``, so a resumed run samples what the original would have.
-        """
-        num = self.num_sampled
-        positives = torch.unique(local_positive)
-        if positives.numel() >= num:
-            return positives
-        gen = torch.Generator(device=self.weight.device)
-        gen.manual_seed((self.seed * 1_000_003 + self.rank * 7919 + step * 104_729 + 1) & ((1 << 63) - 1))
-        scores = torch.rand(self.num_local_classes, generator=gen, device=self.weight.device)
-        scores[positives] = 2.0  # above any uniform draw: positives always win
-        return torch.topk(scores, num, sorted=False).indices.sort().values
+    def _sampling_now(self, global_batch: int) -> bool:
+        return self.training and self.sample_rate < 1.0 and self.num_slots(global_batch) < self.num_local_classes
 
     def active_rows(self) -> tuple[Tensor | None, Tensor]:
         """``(class_index, weight_rows)`` of the last forward: ``class_index`` None means all classes.
 
-        With sampling, ``weight_rows`` is a leaf holding the sampled rows; its ``.grad`` is what
-        :class:`~distrib_face.parallel.optim.ShardOptimizer` applies to those rows only.
+        ``weight_rows`` is the shard itself (in-device, no sampling) or the buffer holding the rows in use,
+        slot by slot; its ``.grad`` is what :class:`~distrib_face.parallel.optim.ShardOptimizer` applies to
+        those rows only.
         """
         if self._active is None:
             raise RuntimeError("no forward pass yet: active_rows() is defined after calling the classifier")
-        return self._active
+        return self._active[0], self._active[1]
+
+    def active_row_index(self) -> Tensor | None:
+        """The ``[S x K]`` shard rows of the last forward (sub-centres expanded), None for the whole shard."""
+        if self._active is None:
+            raise RuntimeError("no forward pass yet: active_row_index() is defined after calling the classifier")
+        return self._active[2]
+
+    def check_step_errors(self) -> None:
+        """Raise if a past step saw labels outside ``[0, num_classes)`` or a sampling shortfall; then reset.
+
+        One host synchronisation: call it where the trainer already synchronises (when it logs).
+
+        Raises:
+            ValueError: naming how many labels were out of range and the last one.
+            RuntimeError: Partial FC drew fewer distinct classes than slots (see sampling.num_draws).
+        """
+        bad, example, shortfalls = (int(v) for v in self.step_errors.tolist())
+        self.step_errors.zero_()
+        if bad:
+            raise ValueError(
+                f"{bad} label(s) outside [0, {self.num_classes}) reached the classifier (e.g. {example}); "
+                "their rows were scored against no class"
+            )
+        if shortfalls:
+            raise RuntimeError(f"Partial FC drew too few distinct classes in {shortfalls} step(s)")
+
+    # ----------------------------------------------------------------------------------------------
+    def prefetch(self, local_labels: Tensor) -> None:
+        """Plan the next training step from its labels alone, before the embeddings exist.
+
+        Gathers the labels, samples the classes and starts copying the rows in use to the device (offload:
+        on a side CUDA stream, so that the copy overlaps the backbone's forward). The next ``forward`` with
+        the same ``local_labels`` object uses the plan. Calling it is optional.
+        """
+        self._prefetched = self._plan(local_labels)
+
+    def _plan(self, local_labels: Tensor) -> StepRows:
+        self._finish_writeback()
+        labels = all_gather_variable(local_labels.to(self.device, torch.int64), self.group,
+                                     equal_sizes=self.equal_batches)  # [B_global]
+        num_rows = labels.shape[0]
+        valid = (labels >= 0) & (labels < self.num_classes)
+        if num_rows:
+            invalid = ~valid
+            count = invalid.sum()
+            last = labels.gather(0, invalid.to(torch.int32).argmax().reshape(1)).reshape(())  # the first bad label
+            self.step_errors[0] += count
+            self.step_errors[1] = torch.where(count > 0, last, self.step_errors[1])
+        labels = torch.where(valid, labels, 0)
+        start, stop = self.class_range
+        owned = valid & (labels >= start) & (labels < stop)
+        local_target = torch.where(owned, labels - start, 0)
+        k = self.num_subcenters
+        if self._sampling_now(num_rows):
+            slots = self.num_slots(num_rows)
+            if slots not in self._draws:
+                self._draws[slots] = num_draws(self.num_local_classes, slots)
+            if self._marker is None:
+                self._marker = new_marker(self.num_local_classes, self.storage_device)
+            store = self.storage_device
+            keys = step_keys(stream_key(self.seed, self.rank), self.sample_step)
+            index, target_slot, shortfall = sample_slots(
+                self._marker, local_target.to(store), owned.to(store), keys, slots, self._draws[slots],
+            )
+            self.step_errors[2] += shortfall.to(self.device)
+            self.sample_step += 1
+            rows = (index[:, None] * k + torch.arange(k, device=store)).reshape(-1) if k > 1 else index
+            weight = self._gather_rows(rows)
+            target_col = target_slot.to(self.device)
+        elif self.offload == "host":
+            index, rows = None, None
+            weight = self._gather_rows(None)
+            target_col = torch.where(owned, local_target, -1)
+        else:
+            index, rows, weight = None, None, self.weight
+            target_col = torch.where(owned, local_target, -1)
+        self._active = (index, weight, rows)
+        return StepRows(local_labels, labels, owned, target_col, index, weight)
+
+    def _row_buffer(self, num_rows: int) -> Tensor:
+        """The persistent leaf holding the rows in use (reallocated only when the count changes)."""
+        buf = self._rows_buffer
+        shape = (num_rows, self.weight.shape[1])
+        if buf is None or tuple(buf.shape) != shape:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"a compiled forward needs {num_rows} sampled rows but the row buffer holds "
+                    f"{None if buf is None else buf.shape[0]}: run one eager training step first"
+                )
+            buf = torch.empty(shape, dtype=self.weight.dtype, device=self.device, requires_grad=True)
+            self._rows_buffer = buf
+        elif buf.grad is not None:
+            raise RuntimeError(
+                "the rows of the previous step still hold a gradient: call ShardOptimizer.step() and zero_grad() "
+                "(or drop the gradient) before the next training forward (gradient accumulation over "
+                "micro-batches is not supported with Partial FC sampling or offload)"
+            )
+        return buf
+
+    @torch.no_grad()
+    def _gather_rows(self, rows: Tensor | None) -> Tensor:
+        """Copy shard rows ``rows`` (all when None) into the row buffer, in place; returns the buffer."""
+        num_rows = self.weight.shape[0] if rows is None else rows.shape[0]
+        buf = self._row_buffer(num_rows)
+        if self.offload == "none":
+            gather_rows(self.weight, rows, buf)
+            return buf
+        if self._rows_ready is not None:
+            self._rows_ready.synchronize()  # the previous copy out of the staging buffer is done
+        staged = self.stage_rows("weight", self.weight, rows)
+        if self.device.type == "cuda":
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's use of buf
+            with torch.cuda.stream(self._copy_stream):
+                buf.copy_(staged, non_blocking=True)
+                self._rows_ready = torch.cuda.Event()
+                self._rows_ready.record(self._copy_stream)
+        else:
+            buf.copy_(staged)
+        return buf
+
+    @torch.no_grad()
+    def stage_rows(self, name: str, host: Tensor, rows: Tensor | None) -> Tensor:
+        """Offload: gather ``host``'s rows ``rows`` (all when None) into the staging buffer kept for ``name``.
+
+        One buffer per name (``"weight"``, each optimizer state), pinned when the device is CUDA, allocated
+        once: the rows leave for the device from there, and their updates come back through it.
+        """
+        num_rows = host.shape[0] if rows is None else rows.shape[0]
+        staging = self._staging.get(name)
+        if staging is None or staging.shape != (num_rows, host.shape[1]) or staging.dtype != host.dtype:
+            staging = torch.empty((num_rows, host.shape[1]), dtype=host.dtype, pin_memory=self.device.type == "cuda")
+            self._staging[name] = staging
+        if rows is None:
+            staging.copy_(host)
+        else:
+            gather_rows(host, rows, staging)
+        return staging
+
+    def schedule_writeback(self, name: str, host: Tensor, rows: Tensor | None, values: Tensor) -> None:
+        """Offload: copy updated ``values`` (device) into ``host`` at shard rows ``rows`` (all when None).
+
+        On CUDA the device-to-host copy goes asynchronously into ``name``'s staging buffer (free again: its
+        rows reached the device before they were used) and the host-side scatter waits for the next plan
+        (:meth:`prefetch` / forward, which the backbone's forward overlaps) or :meth:`flush`. On a CPU
+        device the rows are written at once.
+        """
+        if self.device.type != "cuda":
+            if rows is None:
+                host.copy_(values)
+            else:
+                scatter_rows_(host, rows, values)
+            return
+        staging = self._staging[name]
+        staging.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._pending_writeback.append((host, rows, staging, event))
+
+    def _finish_writeback(self) -> None:
+        for host, rows, staging, event in self._pending_writeback:
+            event.synchronize()
+            if rows is None:
+                host.copy_(staging)
+            else:
+                scatter_rows_(host, rows, staging)
+        self._pending_writeback.clear()
+
+    def flush(self) -> None:
+        """Offload: land every pending row update in host memory (before reading the shard: checkpoints)."""
+        self._finish_writeback()
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
@@ -350,38 +612,43 @@ class ShardedMarginClassifier(nn.Module):
             )
         if local_labels.shape[0] != local_embeddings.shape[0]:
             raise ValueError(f"{local_labels.shape[0]} labels for {local_embeddings.shape[0]} embeddings")
+        plan = self._prefetched
+        self._prefetched = None
+        if plan is None or plan.local_labels is not local_labels:
+            plan = self._plan(local_labels)
+        if self._rows_ready is not None:  # offload on CUDA: the rows' copy must land before they are read
+            torch.cuda.current_stream(self.device).wait_event(self._rows_ready)
         stat_dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        embeddings = gather_with_grad(local_embeddings.to(stat_dtype), self.group, self.embedding_grad_scale)
-        labels = all_gather_variable(local_labels.to(torch.int64), self.group)  # [B_global]
+        embeddings = gather_with_grad(local_embeddings.to(stat_dtype), self.group, self.embedding_grad_scale,
+                                      equal_sizes=self.equal_batches)  # [B_global, D]
         global_norms = embeddings.detach().norm(dim=1)  # [B_global], for margins that use batch statistics
         if self.bias_columns:
             embeddings = torch.cat([embeddings, embeddings.new_ones(embeddings.shape[0], 1)], dim=1)
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
-            raise ValueError(f"label {bad} outside [0, {self.num_classes})")
-        start, stop = self.class_range
-        owned = (labels >= start) & (labels < stop)
-        local_target = torch.where(owned, labels - start, torch.zeros_like(labels))
+        labels, owned, target_col, weight = plan.labels, plan.owned, plan.target_col, plan.weight
         k = self.num_subcenters
-
-        if self.training and self.sample_rate < 1.0:
-            index = self.sample_classes(local_target[owned], int(self.sample_step))
-            rows = (index[:, None] * k + torch.arange(k, device=index.device)).reshape(-1)
-            weight = self.weight.detach()[rows].requires_grad_(True)  # [C_sampled * K, D] leaf
-            local_target = torch.searchsorted(index, local_target)
-            self.sample_step += 1
-        else:
-            index, weight = None, self.weight
-        self._active = (index, weight)
-        target_col = torch.where(owned, local_target, torch.full_like(local_target, -1))
-
-        # Target logits on the owning rank, with autograd; summed over ranks into [B_global].
-        own_rows = owned.nonzero(as_tuple=True)[0]
-        target_weight = weight.view(-1, k, weight.shape[-1])[local_target[own_rows]]  # [n, K, D]
-        cos_target, norms, w_norms = _target_cosines(embeddings[own_rows], target_weight, self.margin)
         num_rows = embeddings.shape[0]
-        cos_all = torch.zeros(num_rows, dtype=stat_dtype, device=embeddings.device)
-        cos_all = all_reduce_tensor(cos_all.index_put((own_rows,), cos_target.detach()), "sum", self.group)
+        linear_scale = self.margin.linear_scale if self.fast_path else None
+        fast = linear_scale is not None and k == 1 and not self.bias_columns
+        # The torch fast path owns the target cosines' gradient too; the fused Triton kernels take the
+        # target logits as an input (their own contract), so with them the target goes through autograd.
+        kernel = self._kernel_for(embeddings, weight) if fast else "torch"
+        fused = fast and kernel == "torch"
+        rows_t = torch.where(owned, target_col, 0)  # [B]: a valid row everywhere; masked where not owned
+
+        if fused:
+            # Target cosines first, without autograd (the margin's statistics need them before any logit);
+            # their gradient is LinearNegativeLogSumExp's, which echoes them.
+            with torch.no_grad():
+                w_t = weight.index_select(0, rows_t).to(stat_dtype)  # [B, D]
+                w_norms = w_t.norm(dim=1).clamp_min(_EPS)  # [B]
+                x_unit = embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(_EPS)
+                cos_target = torch.where(owned, (x_unit * w_t).sum(dim=1) / w_norms, 0.0)  # [B]
+            norms = embeddings.norm(dim=1, keepdim=True)  # [B, 1], with gradient (MagFace's margin uses it)
+        else:
+            target_weight = weight.view(-1, k, weight.shape[-1])[rows_t]  # [B, K, D]
+            cos_target, norms, w_norms = _target_cosines(embeddings, target_weight, self.margin)
+            cos_target = torch.where(owned, cos_target, 0.0)
+        cos_all = all_reduce_tensor(cos_target.detach(), "sum", self.group)  # [B] every row's target cosine
         neg_ctx = MarginContext(feature_norms=None, labels=labels, target_cos=cos_all)  # norms: per chunk
         negative_lse = None
         if getattr(self.margin, "needs_negative_stats", False):
@@ -392,20 +659,22 @@ class ShardedMarginClassifier(nn.Module):
         self.margin.begin_step(StepStats(
             target_cos=cos_all, training=self.training, feature_norms=global_norms, negative_logsumexp=negative_lse,
         ))
-        mctx = MarginContext(
-            feature_norms=norms, labels=labels[own_rows], target_cos=cos_all[own_rows], row_index=own_rows,
-            weight_norms=w_norms,
-        )
-        target_local = self.margin.target_logit(cos_target, mctx).to(stat_dtype)
-        target_logits = torch.zeros(num_rows, dtype=stat_dtype, device=embeddings.device).index_put(
-            (own_rows,), target_local
-        )
-        target_logits = all_reduce_sum_replicated_grad(target_logits, self.group)
+        mctx = MarginContext(feature_norms=norms, labels=labels, target_cos=cos_all, weight_norms=w_norms)
 
-        linear_scale = self.margin.linear_scale if self.fast_path else None
-        if linear_scale is not None and k == 1 and not self.bias_columns:
+        if fused:
+            workspace = None if torch.compiler.is_compiling() else self._workspace
+            negative_lse, cos_target = LinearNegativeLogSumExp.apply(
+                embeddings, weight, cos_target, target_col, linear_scale, self.chunk_size, self.compute_dtype,
+                self.group, workspace,
+            )
+        # The owner of each row's class computes its target logit; the sum over ranks replicates it.
+        target_local = torch.where(owned, self.margin.target_logit(cos_target, mctx).to(stat_dtype), 0.0)
+        target_logits = all_reduce_sum_replicated_grad(target_local, self.group)  # [B]
+        if fused:
+            lse = torch.logaddexp(target_logits, negative_lse)
+        elif fast:  # the fused Triton kernels (kernels.linear_margin_logsumexp dispatches)
             lse = linear_margin_logsumexp(
-                self.kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size,
+                kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size,
                 self.compute_dtype, self.group, grad_filter=self.grad_filter,
             )
         else:
@@ -415,9 +684,16 @@ class ShardedMarginClassifier(nn.Module):
             )
         return (lse - target_logits).mean() if num_rows else lse.sum()
 
+    def _kernel_for(self, embeddings: Tensor, weight: Tensor) -> str:
+        """``"torch"`` or ``"triton"`` for this step (decided on the host from static attributes on a CPU)."""
+        if self.kernel == "torch" or (self.kernel == "auto" and weight.device.type != "cuda"):
+            return "torch"
+        return resolve_kernel(self.kernel, embeddings, weight, self.compute_dtype)
+
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"class_range={self.class_range}, rank={self.rank}/{self.world_size}, "
-            f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, margin={self.margin.spec.name}"
+            f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}, margin={self.margin.spec.name}, "
+            f"dtype={self.weight.dtype}, offload={self.offload}"
         )

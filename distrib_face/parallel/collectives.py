@@ -3,6 +3,11 @@
 Every function takes ``group`` (``None``: the default group) and degrades to the identity in a world of
 1 or when no process group is initialised. The single-collective forms are used throughout
 (``all_gather_single`` / ``reduce_scatter_single``, or their older ``*_tensor`` names).
+
+The gathers accept rows of different counts per rank: they first all-gather the counts, which the host has
+to read (one synchronisation). ``equal_sizes=True`` promises that every rank passes the same count (a
+trainer's fixed batch): no count exchange, no padding, no host synchronisation. A rank that breaks the
+promise makes the collective fail (gloo) or hang (NCCL), so only callers that know set it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ def world_size_of(group: dist.ProcessGroup | None) -> int:
     return group_rank_and_size(group)[1]
 
 
-def gather_sizes(local_size: int, group: dist.ProcessGroup | None, device: torch.device) -> list[int]:
-    """Every rank's ``local_size``, in rank order (one small all-gather)."""
+def gather_sizes(
+    local_size: int, group: dist.ProcessGroup | None, device: torch.device, equal_sizes: bool = False
+) -> list[int]:
+    """Every rank's ``local_size``, in rank order (one small all-gather and a host read; none when
+    ``equal_sizes``)."""
     world = world_size_of(group)
-    if world == 1:
-        return [local_size]
+    if world == 1 or equal_sizes:
+        return [local_size] * world
     mine = torch.tensor([local_size], dtype=torch.int64, device=device)
     everyone = torch.empty(world, dtype=torch.int64, device=device)
     _all_gather_single(everyone, mine, group=group)
@@ -40,8 +48,11 @@ def gather_sizes(local_size: int, group: dist.ProcessGroup | None, device: torch
 def _padded_gather(local: Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> Tensor:
     """All-gather rows of different counts: pad to the largest, one all-gather, drop the padding."""
     max_rows = max(sizes)
-    padded = local.new_zeros((max_rows, *local.shape[1:]))
-    padded[: local.shape[0]] = local
+    if local.shape[0] == max_rows:
+        padded = local
+    else:
+        padded = local.new_zeros((max_rows, *local.shape[1:]))
+        padded[: local.shape[0]] = local
     out = local.new_empty((len(sizes) * max_rows, *local.shape[1:]))
     _all_gather_single(out, padded.contiguous(), group=group)
     if all(s == max_rows for s in sizes):
@@ -49,11 +60,12 @@ def _padded_gather(local: Tensor, sizes: list[int], group: dist.ProcessGroup | N
     return torch.cat([out[r * max_rows: r * max_rows + s] for r, s in enumerate(sizes)])
 
 
-def all_gather_variable(local: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Concatenate every rank's ``local`` along dim 0 in rank order (sizes may differ; no autograd)."""
+def all_gather_variable(local: Tensor, group: dist.ProcessGroup | None = None, equal_sizes: bool = False) -> Tensor:
+    """Concatenate every rank's ``local`` along dim 0 in rank order (sizes may differ unless ``equal_sizes``;
+    no autograd)."""
     if world_size_of(group) == 1:
         return local
-    sizes = gather_sizes(local.shape[0], group, local.device)
+    sizes = gather_sizes(local.shape[0], group, local.device, equal_sizes)
     return _padded_gather(local.detach(), sizes, group)
 
 
@@ -68,11 +80,14 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_global: Tensor) -> tuple[Tensor | None, ...]:
         sizes, max_rows = ctx.sizes, max(ctx.sizes)
-        padded = grad_global.new_zeros((len(sizes) * max_rows, *grad_global.shape[1:]))
-        offset = 0
-        for r, s in enumerate(sizes):
-            padded[r * max_rows: r * max_rows + s] = grad_global[offset: offset + s]
-            offset += s
+        if all(s == max_rows for s in sizes):
+            padded = grad_global.contiguous()
+        else:
+            padded = grad_global.new_zeros((len(sizes) * max_rows, *grad_global.shape[1:]))
+            offset = 0
+            for r, s in enumerate(sizes):
+                padded[r * max_rows: r * max_rows + s] = grad_global[offset: offset + s]
+                offset += s
         mine = grad_global.new_empty((max_rows, *grad_global.shape[1:]))
         _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group)
         grad_local = mine[: sizes[ctx.rank]]
@@ -99,8 +114,11 @@ def scale_grad(tensor: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(tensor, float(scale)) if scale != 1.0 else tensor
 
 
-def gather_with_grad(local: Tensor, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0) -> Tensor:
-    """All-gather rows (sizes may differ per rank) so that gradients flow back to their owners.
+def gather_with_grad(
+    local: Tensor, group: dist.ProcessGroup | None = None, grad_scale: float = 1.0, equal_sizes: bool = False
+) -> Tensor:
+    """All-gather rows (sizes may differ per rank unless ``equal_sizes``) so that gradients flow back to
+    their owners.
 
     The backward is a single reduce-scatter: rank r receives the sum over all ranks of the gradient
     with respect to its rows, times ``grad_scale``.
@@ -108,7 +126,7 @@ def gather_with_grad(local: Tensor, group: dist.ProcessGroup | None = None, grad
     rank, world = group_rank_and_size(group)
     if world == 1:
         return scale_grad(local, grad_scale)
-    sizes = gather_sizes(local.shape[0], group, local.device)
+    sizes = gather_sizes(local.shape[0], group, local.device, equal_sizes)
     return _GatherWithGrad.apply(local.contiguous(), sizes, rank, group, float(grad_scale))
 
 

@@ -130,14 +130,25 @@ def test_loss_beyond_probability_floor_is_reported(tmp_path):
         assert loss == pytest.approx(float(ref), rel=1e-12)
 
 
+SAMPLING_CLASSES = 61  # 21 / 20 / 20 classes over 3 ranks: more than the global batch of 10, so rows are sampled
+
+
+def _sampling_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(321)
+    total = sum(BATCH_SIZES[world])
+    labels = torch.randint(0, SAMPLING_CLASSES, (total,), generator=gen)
+    labels[1] = labels[0]  # a class named twice keeps one slot
+    return torch.randn(total, DIM, generator=gen, dtype=torch.float64) * 3.0, labels
+
+
 def _sampling_worker(rank: int, world: int, rate: float) -> dict:
     from distrib_face.parallel import ShardedMarginClassifier
     from distrib_face.parallel.optim import ShardOptimizer
 
-    emb, labels = _global_batch(world)
+    emb, labels = _sampling_batch(world)
     sizes = BATCH_SIZES[world]
     lo = sum(sizes[:rank])
-    clf = ShardedMarginClassifier(NUM_CLASSES, DIM, margin=create_margin("cosface", scale=16.0),
+    clf = ShardedMarginClassifier(SAMPLING_CLASSES, DIM, margin=create_margin("cosface", scale=16.0),
                                   sample_rate=rate, dtype=torch.float64, seed=SEED)
     opt = ShardOptimizer(clf, "sgd", lr=0.5, momentum=0.9, weight_decay=0.01)
     steps = []
@@ -152,14 +163,16 @@ def _sampling_worker(rank: int, world: int, rate: float) -> dict:
         opt.zero_grad()
         steps.append(dict(loss=loss.detach(), index=index.clone(), w_before=w_before, w_after=clf.weight.detach().clone(),
                           buf_before=buf_before, buf_after=opt.buffers["momentum_buffer"].clone(),
-                          class_range=clf.class_range, num_sampled=clf.num_sampled))
+                          class_range=clf.class_range))
     return steps
 
 
-def test_partial_fc_sampling(tmp_path):
-    world, rate = 3, 0.3
+# At world 3: slots set by the global batch (10 > ceil(0.3 x 20) = 6) or by the rate (15 > 10).
+@pytest.mark.parametrize("world,rate", [(1, 0.3), (2, 0.75), (3, 0.3), (3, 0.75)])
+def test_partial_fc_sampling(tmp_path, world, rate):
     results = run_world(_sampling_worker, world, tmp_path, args=(rate,))
-    emb, labels = _global_batch(world)
+    emb, labels = _sampling_batch(world)
+    global_batch = len(labels)
     for step in range(3):
         global_classes = []
         for r in results:
@@ -168,7 +181,9 @@ def test_partial_fc_sampling(tmp_path):
             positives = torch.unique(labels[(labels >= start) & (labels < stop)] - start)
             index = s["index"]
             assert set(positives.tolist()) <= set(index.tolist()), "a positive class was not sampled"
-            assert len(index) == max(math.ceil(rate * (stop - start)), len(positives))
+            # ceil(rate x C_r) in exact integer arithmetic (rates with two decimals), or the global batch.
+            sampled = -(-round(rate * 100) * (stop - start) // 100)
+            assert len(index) == max(sampled, min(global_batch, stop - start))
             assert len(set(index.tolist())) == len(index)
             untouched = torch.ones(stop - start, dtype=torch.bool)
             untouched[index] = False
@@ -181,7 +196,9 @@ def test_partial_fc_sampling(tmp_path):
             global_classes.append(index + start)
         classes = torch.cat(global_classes).sort().values
         # The sampled loss equals the whole-matrix reference restricted to the sampled classes.
-        weight = torch.cat([r[step]["w_before"] for r in results]).view(NUM_CLASSES, 1, DIM)
+        weight = torch.cat([r[step]["w_before"] for r in results]).view(SAMPLING_CLASSES, 1, DIM)
         ref_loss, _, _ = reference_loss(emb * (1.0 + 0.1 * step), labels, weight, "cosface", classes=classes)
         for r in results:
             assert _rel(r[step]["loss"], ref_loss) < 1e-10
+    # Different steps draw different negatives.
+    assert not torch.equal(results[0][0]["index"].sort().values, results[0][1]["index"].sort().values)

@@ -1,8 +1,9 @@
 """The classifier on the fused Triton kernels (Triton's interpreter on CPU) over gloo ranks, against one
 process holding the whole matrix in float64 and against the torch path at the same world size.
 
-Sizes are not multiples of the interpreter's 16-wide tiles: 101 classes (uneven over 3 ranks), 40 dims,
-batches of 37 (world 1) and 13 + 0 + 24 (world 3, one rank empty). Two samples point away from their
+Sizes are not multiples of the interpreter's 16-wide tiles: 131 classes (uneven over 3 ranks, each shard
+larger than the global batch, so that Partial FC samples rather than keeps every class), 40 dims, batches
+of 37 (world 1) and 13 + 0 + 24 (world 3, one rank empty). Two samples point away from their
 class centre, so that ArcFace's theta + m > pi branch is taken.
 """
 
@@ -18,7 +19,7 @@ from distrib_face.parallel.shard import init_class_rows
 from tests.distributed.test_classifier import reference_loss
 from tests.spawn import run_world
 
-NUM_CLASSES = 101
+NUM_CLASSES = 131
 DIM = 40
 SEED = 11
 BATCH_SIZES = {1: [37], 3: [13, 0, 24]}

@@ -45,3 +45,57 @@ def test_nccl_world_of_one(tmp_path):
         assert torch.isfinite(loss)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_never_synchronises_with_the_host(dtype):
+    """Forward, backward and the shard optimizer's step under CUDA's sync detector (errors on any sync)."""
+    from distrib_face.parallel.optim import ShardOptimizer
+
+    clf = ShardedMarginClassifier(100_000, 128, margin="arcface", sample_rate=0.1, device="cuda", dtype=dtype,
+                                  equal_batches=True)
+    opt = ShardOptimizer(clf, "sgd", lr=0.1)
+    emb = torch.randn(64, 128, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 100_000, (64,), device="cuda")
+    for step in range(3):  # the first step allocates; every step must be sync-free
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = clf(emb, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    clf.check_step_errors()  # the one sync, where the trainer logs
+    assert torch.isfinite(loss)
+
+
+def test_host_offload_gives_the_in_device_losses_on_cuda():
+    from distrib_face.parallel.optim import ShardOptimizer
+
+    def build(offload: str) -> ShardedMarginClassifier:
+        return ShardedMarginClassifier(50_000, 128, margin="cosface", sample_rate=0.1, device="cuda", seed=2,
+                                       offload=offload, equal_batches=True)
+
+    in_device, offloaded = build("none"), build("host")
+    assert offloaded.weight.is_pinned() and offloaded.weight.device.type == "cpu"
+    with torch.no_grad():  # CUDA's generator draws other numbers than the CPU's: start from the same rows
+        offloaded.weight.copy_(in_device.weight.detach().cpu())
+    losses = {}
+    for name, clf in (("none", in_device), ("host", offloaded)):
+        opt = ShardOptimizer(clf, "sgd", lr=0.5)
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for _ in range(4):
+            emb = torch.randn(64, 128, generator=gen).cuda().requires_grad_(True)
+            labels = torch.randint(0, 50_000, (64,), generator=gen).cuda()
+            clf.prefetch(labels)  # starts the rows' copy before the "backbone" runs
+            loss = clf(emb, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(float(loss))
+        clf.flush()
+        losses[name] = (out, clf.weight.detach().cpu())
+    assert losses["host"][0] == pytest.approx(losses["none"][0], rel=1e-6)
+    torch.testing.assert_close(losses["host"][1], losses["none"][1], rtol=1e-6, atol=1e-7)

@@ -5,7 +5,6 @@ with the reason."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -64,18 +63,19 @@ def test_report_sets_our_numbers_beside_the_references(tmp_path):
     assert saved["train"][0]["images_per_sec"] == 3612.4 and len(saved["classifier"]) == 3
 
 
-def test_bf16_weight_rows_run_or_say_why_not():
+def test_bf16_weight_rows_run_and_fp16_rows_say_why_not():
     from distrib_face.parallel.bench import BenchSpec, UnsupportedSpec, run_benchmark, weight_dtype_kwargs
-    from distrib_face.parallel.classifier import ShardedMarginClassifier
 
     assert weight_dtype_kwargs("fp32") == {}
-    if "weight_dtype" in inspect.signature(ShardedMarginClassifier.__init__).parameters:
-        assert weight_dtype_kwargs("bf16") == {"weight_dtype": torch.bfloat16}
-    else:
-        with pytest.raises(UnsupportedSpec, match="ShardedMarginClassifier has no weight_dtype argument"):
-            weight_dtype_kwargs("bf16")
-        (row,) = run_benchmark(BenchSpec(classes=100, batch=4, embedding=8, weight_dtype="bf16"), baseline=False)
-        assert row.note.startswith("skipped: weight_dtype=bf16") and row.ms_per_step != row.ms_per_step  # NaN
+    assert weight_dtype_kwargs("bf16") == {"dtype": torch.bfloat16}  # the classifier's storage dtype
+    with pytest.raises(UnsupportedSpec, match="the classifier stores fp32 or bf16 weights"):
+        weight_dtype_kwargs("fp16")
+    (row,) = run_benchmark(BenchSpec(classes=100, batch=4, embedding=8, weight_dtype="fp16", steps=1, warmup=0),
+                           baseline=False)
+    assert row.note.startswith("skipped: weight_dtype=fp16") and row.ms_per_step != row.ms_per_step  # NaN
+    (row,) = run_benchmark(BenchSpec(classes=100, batch=4, embedding=8, weight_dtype="bf16", sample_rate=0.1,
+                                     steps=1, warmup=0), baseline=False)
+    assert row.ms_per_step > 0 and "weights bf16" in row.dtype
     with pytest.raises(ValueError, match="kernel must be one of"):
         BenchSpec(classes=100, kernel="cuda")
 

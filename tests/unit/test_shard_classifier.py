@@ -98,21 +98,38 @@ def test_loading_a_shard_that_does_not_fit_names_both_values(tmp_path):
         load_shard_from_dir(tmp_path, ShardedMarginClassifier(10, 16))
 
 
-def test_bad_labels_and_shapes_are_named():
+def test_bad_labels_are_counted_on_the_device_and_named_when_checked():
+    """No host sync in the forward: an out-of-range label is counted; check_step_errors() raises and resets."""
+    clf = ShardedMarginClassifier(10, 8, margin="cosface", dtype=torch.float64)
+    emb = torch.randn(3, 8, dtype=torch.float64)
+    loss = clf(emb, torch.tensor([1, 10, -3]))
+    with pytest.raises(ValueError, match=r"2 label\(s\) outside \[0, 10\) reached the classifier \(e\.g\. 10\)"):
+        clf.check_step_errors()
+    clf.check_step_errors()  # reset: nothing new to report
+    # The bad rows were scored against no class: target logit 0, every class a negative.
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(
+        clf.weight.detach(), dim=1).t()  # [3, 10]
+    s, m = clf.margin.scale, clf.margin.spec.additive_margin
+    good = torch.logsumexp(torch.cat([s * cos[0, :1], s * cos[0, 2:], s * (cos[0, 1:2] - m)]), 0) - s * (cos[0, 1] - m)
+    bad = torch.logaddexp(torch.zeros((), dtype=torch.float64), torch.logsumexp(s * cos[1:], dim=1))
+    assert float(loss.detach()) == pytest.approx(float((good + bad.sum()) / 3), rel=1e-12)
+
+
+def test_bad_shapes_are_named():
     clf = ShardedMarginClassifier(10, 8)
-    with pytest.raises(ValueError, match="label 10 outside"):
-        clf(torch.randn(2, 8), torch.tensor([1, 10]))
     with pytest.raises(ValueError, match=r"embeddings must be \[B, 8\], got \(2, 4\)"):
         clf(torch.randn(2, 4), torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize("margin", ["normface", "cosface", "arcface", "combined"])
-def test_fast_path_equals_generic_autograd_path(margin):
+@pytest.mark.parametrize("batch,dim", [(20, 16), (8, 32)])  # row dots from the [c, D] gradient / the [B, c] block
+def test_fast_path_equals_generic_autograd_path(margin, batch, dim):
     """Margins with s*cos negatives take the analytic backward; it must equal the autograd-per-chunk path."""
     torch.manual_seed(0)
-    clf = ShardedMarginClassifier(301, 16, margin=margin, dtype=torch.float64, chunk_size=37)
+    clf = ShardedMarginClassifier(301, dim, margin=margin, dtype=torch.float64, chunk_size=37)
     assert clf.margin.linear_scale == clf.margin.scale
-    emb, labels = torch.randn(20, 16, dtype=torch.float64, requires_grad=True), torch.randint(0, 301, (20,))
+    emb = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 301, (batch,))
     results = []
     for fast in (True, False):
         clf.fast_path = fast
@@ -141,6 +158,70 @@ def test_bias_column_classifier_round_trips_through_a_checkpoint(tmp_path):
     back = ShardedMarginClassifier(10, 8, margin="softmax", seed=4)
     load_shard_from_dir(tmp_path, back)
     assert torch.equal(back.weight, clf.weight)
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_updates_nearest_rounding_loses():
+    from distrib_face.parallel.optim import stochastic_round_
+
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.tensor(1.0, dtype=torch.bfloat16)
+    step = 2.0**-7  # bf16 spacing in [1, 2)
+    x = torch.full((200_000,), 1.0 + 0.3 * step)  # 30% of the way to the next bf16 value
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    stochastic_round_(out, x.clone(), gen)
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + step}
+    up = float((out.float() > 1.0).double().mean())
+    assert abs(up - 0.3) < 6 * (0.3 * 0.7 / x.numel()) ** 0.5
+    neg = torch.empty_like(out)
+    stochastic_round_(neg, -x.clone(), gen)
+    assert abs(float((neg.float() < -1.0).double().mean()) - 0.3) < 0.01  # symmetric for negatives
+    # 1000 additions of 1e-4 (below half a bf16 step): nearest rounding never moves, stochastic does on average.
+    w_sr = torch.full((4096,), 1.0, dtype=torch.bfloat16)
+    w_rn = w_sr.clone()
+    for _ in range(1000):
+        stochastic_round_(w_sr, w_sr.float() + 1e-4, gen)
+        w_rn.copy_(w_rn.float() + 1e-4)
+    assert bool((w_rn == lo).all())
+    assert abs(float(w_sr.double().mean()) - 1.1) < 0.005
+
+
+def test_two_backwards_without_zero_grad_accumulate():
+    """The reused gradient buffer must not alias the gradient it is added to."""
+    torch.manual_seed(0)
+    clf = ShardedMarginClassifier(50, 6, margin="cosface", dtype=torch.float64)
+    emb, labels = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 50, (5,))
+    clf(emb, labels).backward()
+    once = clf.weight.grad.clone()
+    clf(emb, labels).backward()
+    torch.testing.assert_close(clf.weight.grad, 2 * once, rtol=1e-13, atol=0)
+
+
+def test_sampled_forward_refuses_an_unconsumed_row_gradient():
+    clf = ShardedMarginClassifier(100, 6, sample_rate=0.2)
+    clf(torch.randn(4, 6), torch.tensor([1, 2, 3, 4])).backward()
+    with pytest.raises(RuntimeError, match="rows of the previous step still hold a gradient"):
+        clf(torch.randn(4, 6), torch.tensor([1, 2, 3, 4]))
+
+
+def test_bf16_and_offloaded_shards_round_trip_through_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    src = ShardedMarginClassifier(40, 8, margin="cosface", dtype=torch.bfloat16, sample_rate=0.3, offload="host")
+    opt = ShardOptimizer(src, "sgd", lr=0.1)
+    for _ in range(2):
+        src(torch.randn(6, 8), torch.randint(0, 40, (6,))).backward()
+        opt.step()
+        opt.zero_grad()
+    save_shard(tmp_path / "bf16", src, opt)
+    back = ShardedMarginClassifier(40, 8, margin="cosface", dtype=torch.bfloat16, sample_rate=0.3, seed=9)
+    back_opt = ShardOptimizer(back, "sgd", lr=0.1)
+    load_shard_from_dir(tmp_path / "bf16", back, back_opt)
+    assert back.weight.dtype == torch.bfloat16 and torch.equal(back.weight, src.weight)
+    assert torch.equal(back_opt.buffers["momentum_buffer"], opt.buffers["momentum_buffer"])
+    assert back_opt.num_steps == opt.num_steps == 2 and int(back.sample_step) == 2
+    # A bf16 checkpoint into an fp32 classifier is exact; fp32 into bf16 rounds to nearest.
+    wide = ShardedMarginClassifier(40, 8, margin="cosface", seed=9)
+    load_shard_from_dir(tmp_path / "bf16", wide)
+    assert torch.equal(wide.weight, src.weight.float())
 
 
 def test_online_logsumexp_merges_partial_statistics():
@@ -183,3 +264,22 @@ def test_a_nan_weight_row_makes_the_loss_nan_not_zero():
     stats.update(torch.tensor([[0.0, float("nan")], [float("-inf"), float("-inf")]], dtype=torch.float64))
     lse = stats.logsumexp(None, extra=torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert torch.isnan(lse[0]) and lse[1].item() == 2.0  # an all-masked row is just its target
+
+
+@pytest.mark.parametrize("offload", ["none", "host"])
+def test_prefetch_then_forward_equals_forward(offload):
+    """prefetch(labels) plans the step early (sampling, the rows' copy); the forward then uses that plan."""
+    torch.manual_seed(0)
+    emb, labels = torch.randn(6, 8), torch.randint(0, 200, (6,))
+    results = []
+    for prefetch in (False, True):
+        clf = ShardedMarginClassifier(200, 8, margin="cosface", sample_rate=0.1, seed=3, offload=offload)
+        if prefetch:
+            clf.prefetch(labels)
+            assert int(clf.sample_step) == 1  # sampled now, not again in the forward
+        loss = clf(emb, labels)
+        loss.backward()
+        index, rows = clf.active_rows()
+        results.append((loss.detach(), index.clone(), rows.grad.clone(), int(clf.sample_step)))
+    for a, b in zip(*results):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
