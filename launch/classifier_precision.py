@@ -9,8 +9,9 @@ decoding, the class-sharded classifier) on one CPU rank; only the classifier's s
 differ. Prints a Markdown table (docs/classifier.md, "bf16 storage: accuracy"). The faces set follows
 tests/integration/test_real_faces.py (train on Yale B + ORL s1-s30, verify on ORL s31-s40).
 
-Until the trainer builds its classifier through ``distrib_face.train.components_classifier`` (which reads
-``loss.weight_dtype``), this script routes ``build_classifier`` there itself.
+The storage dtype is the config's ``loss.weight_dtype``; the rounding of the bf16 write-back (stochastic, the
+default, or round-to-nearest) is not a config field, so this script swaps the trainer's ``build_classifier``
+for one that passes ``rounding`` to the shard optimizer.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _build_with(rounding: str):
     def build(cfg: Any, num_classes: int, ctx: Any) -> tuple[Any, Any]:
         from distrib_face.parallel import ShardedMarginClassifier
         from distrib_face.parallel.optim import ShardOptimizer
-        from distrib_face.train.components_classifier import classifier_kwargs
+        from distrib_face.train.components import classifier_kwargs
 
         clf = ShardedMarginClassifier(num_classes, **classifier_kwargs(cfg, ctx))
         opt = ShardOptimizer(clf, name=cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,

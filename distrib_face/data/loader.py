@@ -589,8 +589,14 @@ class TrainLoader:
         if not arrays:
             raise DataQualityError(f"rank {self.rank}: no sample of a batch could be decoded by DALI or PIL "
                                    f"(DALI's error: {text}); check the shards with `distrib-face data verify`")
-        labels = torch.tensor(kept.labels, dtype=torch.int64, device=self.device)
-        return kept, self._to_tensor(np.stack(arrays)), labels
+        # Every rank's batch keeps the size all ranks agree on (the classifier's gathers rely on it): the
+        # samples PIL dropped are stood in for by kept ones, repeated in order (the drops are counted above).
+        labels_out, arrays_out = list(kept.labels), list(arrays)
+        for i in range(len(raw.labels) - len(arrays)):
+            labels_out.append(kept.labels[i % len(kept.labels)])
+            arrays_out.append(arrays[i % len(arrays)])
+        labels = torch.tensor(labels_out, dtype=torch.int64, device=self.device)
+        return kept, self._to_tensor(np.stack(arrays_out)), labels
 
 
 class _DaliFeed:

@@ -79,8 +79,18 @@ class Components:
     tracker: Tracker
 
 
-def build_classifier(cfg: Config, num_classes: int, ctx: ProcessContext) -> tuple[ShardedMarginClassifier, ShardOptimizer]:
-    """The class shard of this rank and its optimiser (peak learning rate set later by the schedule)."""
+def classifier_kwargs(cfg: Config, ctx: ProcessContext, equal_batches: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``ShardedMarginClassifier(num_classes, **kwargs)`` for this rank.
+
+    The ``loss`` section: the margin, Partial FC rate, storage dtype (``loss.weight_dtype``), host offload
+    (``loss.offload``), chunking, compute dtype and kernel; ``train.seed`` for the weights.
+
+    Args:
+        cfg: the validated config.
+        ctx: the process context (``group``, ``device``, ``world_size``).
+        equal_batches: every rank passes the same batch size each call (true for the trainer, whose loaders
+            drop the last partial batch): the gathers then skip the size exchange and its host sync.
+    """
     from distrib_face.losses.margins import create_margin
 
     loss = cfg.loss
@@ -91,19 +101,25 @@ def build_classifier(cfg: Config, num_classes: int, ctx: ProcessContext) -> tupl
     }
     if loss.options:
         overrides["options"] = dict(loss.options)
-    margin = create_margin(loss.margin, **overrides)
-    kwargs: dict[str, Any] = {}
-    if loss.chunk_size is not None:
-        kwargs["chunk_size"] = loss.chunk_size
-    classifier = ShardedMarginClassifier(
-        num_classes, cfg.model.embedding_size, margin=margin, sample_rate=loss.sample_rate, group=ctx.group,
-        dtype=torch.float32, device=ctx.device, seed=cfg.train.seed,
-        compute_dtype=parse_dtype(loss.compute_dtype) if loss.compute_dtype else None,
-        kernel=loss.kernel, grad_filter=loss.grad_filter,
+    kwargs: dict[str, Any] = dict(
+        embedding_size=cfg.model.embedding_size, margin=create_margin(loss.margin, **overrides),
+        sample_rate=loss.sample_rate, group=ctx.group, dtype=parse_dtype(loss.weight_dtype, "loss.weight_dtype"),
+        device=ctx.device, seed=cfg.train.seed,
+        compute_dtype=parse_dtype(loss.compute_dtype, "loss.compute_dtype") if loss.compute_dtype else None,
         # DeepSpeed averages the backbone's gradients over ranks; the classifier gives each rank the exact
         # gradient of the global mean loss, so the embeddings' gradient is scaled back up by the world size.
-        embedding_grad_scale=float(ctx.world_size), **kwargs,
+        embedding_grad_scale=float(ctx.world_size), equal_batches=equal_batches, offload=loss.offload,
+        kernel=loss.kernel, grad_filter=loss.grad_filter,
     )
+    if loss.chunk_size is not None:
+        kwargs["chunk_size"] = loss.chunk_size
+    return kwargs
+
+
+def build_classifier(cfg: Config, num_classes: int, ctx: ProcessContext,
+                     equal_batches: bool = True) -> tuple[ShardedMarginClassifier, ShardOptimizer]:
+    """The class shard of this rank and its optimiser (peak learning rate set later by the schedule)."""
+    classifier = ShardedMarginClassifier(num_classes, **classifier_kwargs(cfg, ctx, equal_batches))
     optimizer = ShardOptimizer(
         classifier, name=cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,

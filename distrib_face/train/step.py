@@ -12,7 +12,9 @@ Per optimiser step, on every rank::
 
 The loss is identical on all ranks, so every rank takes the same decisions (skip a non-finite loss, stop,
 checkpoint, verify) without extra communication. Host syncs: one per micro-batch (the loss value, which is
-the non-finite verdict every rank needs before its backward), plus the gradient norm on logging steps.
+the non-finite verdict every rank needs before its backward), plus the gradient norm and the classifier's
+device-side error counters (``check_step_errors``) on logging steps; the classifier's forward, backward and
+optimiser step themselves have none (docs/classifier.md).
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class StepRunner:
         images = images.to(ctx.device, dtype=parts.input_dtype, non_blocking=True)
         images = images.contiguous(memory_format=self.memory_format)
         labels = labels.to(ctx.device, non_blocking=True)
+        # Sample this step's classes from the labels alone; with host offload their rows' copy to the device
+        # then overlaps the backbone's forward (a side CUDA stream).
+        parts.classifier.prefetch(labels)
         embeddings = parts.engine(images).float()  # [B_local, D]
         loss = parts.classifier(embeddings, labels)
         if parts.auxiliary is not None:

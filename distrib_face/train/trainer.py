@@ -135,6 +135,7 @@ class Checkpointer:
     def save(self, state: TrainerState) -> Path:
         """Write a checkpoint of everything (collective); returns its folder."""
         cfg, ctx, parts = self.cfg, self.ctx, self.parts
+        parts.classifier.check_step_errors()
         self.last = save_checkpoint(
             self.root, ctx=ctx, engine=parts.engine, classifier=parts.classifier,
             shard_optimizer=parts.shard_optimizer, trainer_state=state, loader_state=parts.data.loader.state_dict(),
@@ -366,6 +367,7 @@ class Trainer:
         self._window_seconds += seconds
         if not log_now:
             return None
+        parts.classifier.check_step_errors()  # labels outside the classes, counted on the device since the last log
         metrics = self.window.compute(state.step)
         metrics.update({
             "lr": parts.backbone_optimizer.param_groups[0]["lr"],

@@ -18,10 +18,10 @@ def faults(tmp_path_factory):
     return write_fault_set(tmp_path_factory.mktemp("faults"))
 
 
-def _dirty_config(tmp_path, faults, **data) -> dict:
+def _dirty_config(tmp_path, faults, decoder="pil", **data) -> dict:
     return _config(
         tmp_path, "dirty",
-        data={"source": "shards", "shards": str(faults.root), "decoder": "pil", "num_workers": 0, "batch_size": 4,
+        data={"source": "shards", "shards": str(faults.root), "decoder": decoder, "num_workers": 0, "batch_size": 4,
               "image_size": IMAGE_SIZE, "allow_missing_shards": True, "augment": False, **data},
         model={"backbone": "iresnet_tiny", "embedding_size": 16},
         train={"total_steps": 5, "log_every": 1, "output_dir": str(tmp_path / "dirty")},
@@ -55,12 +55,15 @@ def _train(rank: int, world_size: int, cfg_dict: dict) -> dict:
     return {"summary": summary, "own_counts": trainer.parts.data.loader.counts.to_dict(), "lines": records}
 
 
-def test_counts_of_every_rank_reach_the_summary_mlflow_and_the_progress_line(tmp_path, faults):
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_counts_of_every_rank_reach_the_summary_mlflow_and_the_progress_line(tmp_path, faults, decoder):
+    """With DALI, the rank that meets the undecodable JPEG decodes that batch with PIL: the batch keeps its
+    size, so the classifier's equal-size gathers go on."""
     from mlflow.tracking import MlflowClient
 
     from distrib_face.data.quality import DataCounts
 
-    cfg = _dirty_config(tmp_path, faults, max_skip_fraction=1.0)
+    cfg = _dirty_config(tmp_path, faults, decoder, max_skip_fraction=1.0)
     results = run_world(_train, 2, tmp_path, (cfg,))
     summary = results[0]["summary"]
     assert summary["finished"] and summary["data"] == results[1]["summary"]["data"]
@@ -69,6 +72,8 @@ def test_counts_of_every_rank_reach_the_summary_mlflow_and_the_progress_line(tmp
     assert summary["data"] == expected
     assert expected["skipped_total"] > 0 and expected["missing_shards"] == [faults.missing_shard]
     assert set(expected["skipped"]) <= set(faults.skipped)  # only the planted reasons, nothing invented
+    if decoder == "dali":
+        assert expected["dali_fallback_batches"] == 1
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").get_run(summary["mlflow_run_id"])
     for reason, count in expected["skipped"].items():
         assert run.data.metrics[f"data/skipped/{reason}"] == count  # the last log step is the last step

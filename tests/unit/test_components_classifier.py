@@ -1,4 +1,4 @@
-"""train.components_classifier: the config's loss section becomes the classifier the trainer runs."""
+"""train.components: the config's loss section becomes the classifier the trainer runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from distrib_face.config import Config
 from distrib_face.parallel import ProcessContext
-from distrib_face.train.components_classifier import build_classifier, classifier_kwargs
+from distrib_face.train.components import build_classifier, classifier_kwargs
 
 BASE = {"data": {"source": "random"}, "train": {"total_steps": 10, "seed": 4}, "model": {"embedding_size": 16}}
 
