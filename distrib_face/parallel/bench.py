@@ -345,8 +345,8 @@ def _baseline(spec: BenchSpec) -> tuple[float, float]:
     def step() -> None:
         with torch.autocast(device.type, dtype=compute, enabled=compute is not None):
             cos = F.linear(F.normalize(emb), F.normalize(linear.weight)).float()
-        ctx = MarginContext(feature_norms=emb.norm(dim=1, keepdim=True))
-        logits = margin.negative_logits(cos, ctx).index_put((rows, labels), margin.target_logit(cos[rows, labels], ctx))
+        mctx = MarginContext(feature_norms=emb.norm(dim=1, keepdim=True))
+        logits = margin.negative_logits(cos, mctx).index_put((rows, labels), margin.target_logit(cos[rows, labels], mctx))
         F.cross_entropy(logits, labels).backward()
         opt.step()
         opt.zero_grad()

@@ -42,7 +42,7 @@ from distrib_face.parallel.kernels import (
     require_triton,
     resolve_kernel,
 )
-from distrib_face.parallel.linear_lse import LinearNegativeLogSumExp, Workspace
+from distrib_face.parallel.linear_lse import ChunkSpec, LinearNegativeLogSumExp, Workspace
 from distrib_face.parallel.rows import gather_rows, scatter_rows_
 from distrib_face.parallel.sampling import (
     new_marker,
@@ -93,7 +93,7 @@ def _chunk_logits(
     chunk_start: int,
     target_col: Tensor,
     margin: Margin,
-    ctx: MarginContext,
+    mctx: MarginContext,
     num_subcenters: int,
     compute_dtype: torch.dtype | None,
 ) -> Tensor:
@@ -103,7 +103,7 @@ def _chunk_logits(
     differentiates through ``masked_fill``.
     """
     cos, x_norm = _cosines(embeddings, weight_chunk, margin, num_subcenters, compute_dtype)
-    logits = margin.negative_logits(cos, MarginContext(x_norm, ctx.labels, ctx.target_cos))
+    logits = margin.negative_logits(cos, MarginContext(x_norm, mctx.labels, mctx.target_cos))
     columns = torch.arange(chunk_start, chunk_start + logits.shape[1], device=logits.device)  # [c]
     return logits.masked_fill(target_col[:, None] == columns[None, :], float("-inf"))
 
@@ -132,9 +132,7 @@ def _global_negative_logsumexp(
     margin: Margin,
     mctx: MarginContext,
     num_subcenters: int,
-    chunk_size: int,
-    compute_dtype: torch.dtype | None,
-    group: Any,
+    chunks: ChunkSpec,
 ) -> Tensor:
     """``log sum_i sum_{j != y_i} exp(negative logit_ij)`` over every row and every rank's classes (0-d).
 
@@ -143,10 +141,9 @@ def _global_negative_logsumexp(
     """
     stat_dtype = torch.promote_types(weight.dtype, torch.float32)
     stats = OnlineLogSumExp((), stat_dtype, embeddings.device)
-    for _, _, logits in _iter_chunks(embeddings, weight, target_col, margin, mctx, num_subcenters, chunk_size,
-                                     compute_dtype):
+    for _, _, logits in _iter_chunks(embeddings, weight, target_col, margin, mctx, num_subcenters, chunks):
         stats.update(logits.to(stat_dtype).reshape(-1), consume=True)
-    return stats.logsumexp(group)
+    return stats.logsumexp(chunks.group)
 
 
 def _iter_chunks(
@@ -156,16 +153,13 @@ def _iter_chunks(
     margin: Margin,
     mctx: MarginContext,
     num_subcenters: int,
-    chunk_size: int,
-    compute_dtype: torch.dtype | None,
+    chunks: ChunkSpec,
 ) -> Iterator[tuple[int, int, Tensor]]:
     """``(c0, c1, non-target logits [B, c1 - c0])`` for each class chunk of this rank's shard."""
-    num_classes_here = weight.shape[0] // num_subcenters
-    for c0 in range(0, num_classes_here, chunk_size):
-        c1 = min(c0 + chunk_size, num_classes_here)
+    for c0, c1 in chunks.ranges(weight.shape[0] // num_subcenters):
         yield c0, c1, _chunk_logits(
             embeddings, weight[c0 * num_subcenters: c1 * num_subcenters], c0, target_col, margin, mctx,
-            num_subcenters, compute_dtype,
+            num_subcenters, chunks.compute_dtype,
         )
 
 
@@ -174,7 +168,7 @@ class _ShardedNegativeLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
+        saved: Any,
         embeddings: Tensor,
         weight: Tensor,
         target_logits: Tensor,
@@ -182,42 +176,37 @@ class _ShardedNegativeLogSumExp(torch.autograd.Function):
         margin: Margin,
         mctx: MarginContext,
         num_subcenters: int,
-        chunk_size: int,
-        compute_dtype: torch.dtype | None,
-        group: Any,
+        chunks: ChunkSpec,
     ) -> Tensor:
         stat_dtype = target_logits.dtype
         stats = OnlineLogSumExp((embeddings.shape[0],), stat_dtype, embeddings.device)
-        for _, _, logits in _iter_chunks(embeddings, weight, target_col, margin, mctx, num_subcenters, chunk_size,
-                                         compute_dtype):
+        for _, _, logits in _iter_chunks(embeddings, weight, target_col, margin, mctx, num_subcenters, chunks):
             stats.update(logits.to(stat_dtype), consume=True)
-        lse = stats.logsumexp(group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
-        ctx.save_for_backward(embeddings, weight, target_logits, target_col, lse)
-        ctx.margin, ctx.mctx, ctx.num_subcenters = margin, mctx, num_subcenters
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        lse = stats.logsumexp(chunks.group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
+        saved.save_for_backward(embeddings, weight, target_logits, target_col, lse)
+        saved.margin, saved.mctx, saved.num_subcenters, saved.chunks = margin, mctx, num_subcenters, chunks
         return lse
 
     @staticmethod
-    def backward(ctx: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        embeddings, weight, target_logits, target_col, lse = ctx.saved_tensors
-        k = ctx.num_subcenters
+    def backward(saved: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+        embeddings, weight, target_logits, target_col, lse = saved.saved_tensors
+        k = saved.num_subcenters
         grad_target = grad_lse * torch.exp(target_logits - lse)
         grad_embeddings = torch.zeros_like(embeddings)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight) if saved.needs_input_grad[1] else None
         emb_leaf = embeddings.detach().requires_grad_(True)
-        for c0 in range(0, weight.shape[0] // k, ctx.chunk_size):
-            c1 = min(c0 + ctx.chunk_size, weight.shape[0] // k)
+        for c0, c1 in saved.chunks.ranges(weight.shape[0] // k):
             w_leaf = weight[c0 * k: c1 * k].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = _chunk_logits(
-                    emb_leaf, w_leaf, c0, target_col, ctx.margin, ctx.mctx, k, ctx.compute_dtype
+                    emb_leaf, w_leaf, c0, target_col, saved.margin, saved.mctx, k, saved.chunks.compute_dtype
                 )
                 probs = torch.exp(logits.detach().to(lse.dtype) - lse[:, None]) * grad_lse[:, None]
                 g_emb, g_w = torch.autograd.grad(logits, (emb_leaf, w_leaf), probs.to(logits.dtype))
             grad_embeddings += g_emb
             if grad_weight is not None:
                 grad_weight[c0 * k: c1 * k] = g_w
-        return grad_embeddings, grad_weight, grad_target, None, None, None, None, None, None, None
+        return grad_embeddings, grad_weight, grad_target, None, None, None, None, None
 
 
 OFFLOAD_MODES = ("none", "host")
@@ -399,6 +388,11 @@ class ShardedMarginClassifier(nn.Module):
             # that a compiled forward only writes into it (a graph cannot create a leaf that needs a gradient).
             self._row_buffer(self._num_sampled * self.num_subcenters)
             self._draws.setdefault(self._num_sampled, num_draws(self.num_local_classes, self._num_sampled))
+
+    @property
+    def chunks(self) -> ChunkSpec:
+        """The chunk loops' arguments: ``chunk_size``, ``compute_dtype`` and the class-shard group."""
+        return ChunkSpec(self.chunk_size, self.compute_dtype, self.group)
 
     @property
     def num_sampled(self) -> int:
@@ -652,10 +646,8 @@ class ShardedMarginClassifier(nn.Module):
         neg_ctx = MarginContext(feature_norms=None, labels=labels, target_cos=cos_all)  # norms: per chunk
         negative_lse = None
         if getattr(self.margin, "needs_negative_stats", False):
-            negative_lse = _global_negative_logsumexp(
-                embeddings, weight, target_col, self.margin, neg_ctx, k, self.chunk_size, self.compute_dtype,
-                self.group,
-            )
+            negative_lse = _global_negative_logsumexp(embeddings, weight, target_col, self.margin, neg_ctx, k,
+                                                      self.chunks)
         self.margin.begin_step(StepStats(
             target_cos=cos_all, training=self.training, feature_norms=global_norms, negative_logsumexp=negative_lse,
         ))
@@ -664,8 +656,7 @@ class ShardedMarginClassifier(nn.Module):
         if fused:
             workspace = None if torch.compiler.is_compiling() else self._workspace
             negative_lse, cos_target = LinearNegativeLogSumExp.apply(
-                embeddings, weight, cos_target, target_col, linear_scale, self.chunk_size, self.compute_dtype,
-                self.group, workspace,
+                embeddings, weight, cos_target, target_col, linear_scale, self.chunks, workspace,
             )
         # The owner of each row's class computes its target logit; the sum over ranks replicates it.
         target_local = torch.where(owned, self.margin.target_logit(cos_target, mctx).to(stat_dtype), 0.0)
@@ -679,8 +670,7 @@ class ShardedMarginClassifier(nn.Module):
             )
         else:
             lse = _ShardedNegativeLogSumExp.apply(
-                embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunk_size,
-                self.compute_dtype, self.group,
+                embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunks,
             )
         return (lse - target_logits).mean() if num_rows else lse.sum()
 

@@ -73,13 +73,13 @@ class _GatherWithGrad(torch.autograd.Function):
     """Forward: padded all-gather. Backward: one reduce-scatter (sum over ranks), then this rank's rows."""
 
     @staticmethod
-    def forward(ctx: Any, local: Tensor, sizes: list[int], rank: int, group: Any, grad_scale: float) -> Tensor:
-        ctx.sizes, ctx.rank, ctx.group, ctx.grad_scale = sizes, rank, group, grad_scale
+    def forward(saved: Any, local: Tensor, sizes: list[int], rank: int, group: Any, grad_scale: float) -> Tensor:
+        saved.sizes, saved.rank, saved.group, saved.grad_scale = sizes, rank, group, grad_scale
         return _padded_gather(local, sizes, group)
 
     @staticmethod
-    def backward(ctx: Any, grad_global: Tensor) -> tuple[Tensor | None, ...]:
-        sizes, max_rows = ctx.sizes, max(ctx.sizes)
+    def backward(saved: Any, grad_global: Tensor) -> tuple[Tensor | None, ...]:
+        sizes, max_rows = saved.sizes, max(saved.sizes)
         if all(s == max_rows for s in sizes):
             padded = grad_global.contiguous()
         else:
@@ -89,10 +89,10 @@ class _GatherWithGrad(torch.autograd.Function):
                 padded[r * max_rows: r * max_rows + s] = grad_global[offset: offset + s]
                 offset += s
         mine = grad_global.new_empty((max_rows, *grad_global.shape[1:]))
-        _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=ctx.group)
-        grad_local = mine[: sizes[ctx.rank]]
-        if ctx.grad_scale != 1.0:
-            grad_local = grad_local * ctx.grad_scale
+        _reduce_scatter_single(mine, padded, op=dist.ReduceOp.SUM, group=saved.group)
+        grad_local = mine[: sizes[saved.rank]]
+        if saved.grad_scale != 1.0:
+            grad_local = grad_local * saved.grad_scale
         return grad_local, None, None, None, None
 
 
@@ -100,13 +100,13 @@ class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by a constant."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
+    def forward(saved: Any, tensor: Tensor, scale: float) -> Tensor:
+        saved.scale = scale
         return tensor.view_as(tensor)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.scale, None
+    def backward(saved: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * saved.scale, None
 
 
 def scale_grad(tensor: Tensor, scale: float) -> Tensor:
@@ -138,13 +138,13 @@ class _AllReduceSumSameGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+    def forward(saved: Any, tensor: Tensor, group: Any) -> Tensor:
         out = tensor.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(saved: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
@@ -159,16 +159,16 @@ class _AllReduceSumBothWays(torch.autograd.Function):
     """Sum over ranks whose result feeds *different* computations per rank: the backward sums too."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
-        ctx.group = group
+    def forward(saved: Any, tensor: Tensor, group: Any) -> Tensor:
+        saved.group = group
         out = tensor.clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(saved: Any, grad: Tensor) -> tuple[Tensor, None]:
         out = grad.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=ctx.group)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=saved.group)
         return out, None
 
 

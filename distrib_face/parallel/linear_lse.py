@@ -30,7 +30,8 @@ makes the workspace unnecessary there, and ``torch.compile`` plans its own buffe
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +52,26 @@ def mask_targets_(block: Tensor, target_col: Tensor, col0: int, value: float) ->
     safe = torch.where(here, col, 0)[:, None]  # [B, 1]
     current = block.gather(1, safe)
     return block.scatter_(1, safe, torch.where(here[:, None], torch.full_like(current, value), current))
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """How a rank's loop over its class chunks runs: the one argument bundle of every chunked pass.
+
+    Attributes:
+        chunk_size: classes per chunk (bounds the ``[B, chunk]`` block a pass holds).
+        compute_dtype: dtype of the cosine matmuls (``None``: the weights' own); statistics stay float32+.
+        group: the process group whose ranks' statistics are combined (one MAX and one SUM all-reduce).
+    """
+
+    chunk_size: int
+    compute_dtype: torch.dtype | None = None
+    group: Any = None
+
+    def ranges(self, num_classes: int) -> Iterator[tuple[int, int]]:
+        """``(c0, c1)`` of each chunk of ``num_classes`` classes."""
+        for c0 in range(0, num_classes, self.chunk_size):
+            yield c0, min(c0 + self.chunk_size, num_classes)
 
 
 class Workspace:
@@ -104,8 +125,9 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
 
     Inputs: gathered raw embeddings ``[B, D]``, this rank's rows in use ``[R, D]`` (any float dtype: fp32,
     fp64, bf16 storage), each row's target cosine ``[B]`` (detached, 0 where not owned), each row's local
-    target column ``[B]`` (``-1`` when not on this rank), the scale ``s``, the chunk size, the matmul dtype,
-    the group, a :class:`Workspace` (or ``None``) and optionally ``valid`` ``[R]`` (bool): columns marked
+    target column ``[B]`` (``-1`` when not on this rank), the scale ``s``, the chunk size, the matmul dtype and
+    the group (the three as a :class:`ChunkSpec`), a :class:`Workspace` (or ``None``) and optionally ``valid``
+    ``[R]`` (bool): columns marked
     False contribute nothing and get a zero weight gradient (``None``: all count). Outputs: the non-target
     log-sum-exp ``[B]`` (``-inf`` for a row with no negatives anywhere) and the target cosines (equal to the
     input, differentiable). The statistics are combined with one MAX and one SUM all-reduce of ``[B]``.
@@ -113,15 +135,13 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
+        saved: Any,
         embeddings: Tensor,
         weight: Tensor,
         target_cos: Tensor,
         target_col: Tensor,
         scale: float,
-        chunk_size: int,
-        compute_dtype: torch.dtype | None,
-        group: Any,
+        chunks: ChunkSpec,
         workspace: Workspace | None = None,
         valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -129,15 +149,14 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
         if valid is not None and valid.shape != (weight.shape[0],):
             raise ValueError(f"valid must be [{weight.shape[0]}] (one flag per weight row), got {tuple(valid.shape)}")
         invalid = None if valid is None else ~valid.to(torch.bool)
-        mm_dtype = _matmul_dtype(weight, compute_dtype, stat_dtype)
+        mm_dtype = _matmul_dtype(weight, chunks.compute_dtype, stat_dtype)
         x_norm = embeddings.norm(dim=1, keepdim=True).clamp_min(_EPS)  # [B, 1]
         x_unit = embeddings / x_norm  # [B, D]
         x_mm = _cast(x_unit, mm_dtype)
         num_rows, num_classes = embeddings.shape[0], weight.shape[0]
         inv_wnorm = torch.empty(num_classes, dtype=stat_dtype, device=weight.device)  # [R]
         stats = OnlineLogSumExp((num_rows,), stat_dtype, embeddings.device)
-        for c0 in range(0, num_classes, chunk_size):
-            c1 = min(c0 + chunk_size, num_classes)
+        for c0, c1 in chunks.ranges(num_classes):
             w = weight[c0:c1]
             inv = inv_wnorm[c0:c1]
             torch.reciprocal(torch.linalg.vector_norm(w, dim=1, dtype=stat_dtype).clamp_min_(_EPS), out=inv)
@@ -147,17 +166,17 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
             if invalid is not None:
                 logits.masked_fill_(invalid[c0:c1], float("-inf"))
             stats.update(logits, consume=True)
-        negative_lse = stats.logsumexp(group)  # [B]
-        ctx.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse, invalid)
-        ctx.scale, ctx.chunk_size, ctx.compute_dtype, ctx.workspace = scale, chunk_size, compute_dtype, workspace
+        negative_lse = stats.logsumexp(chunks.group)  # [B]
+        saved.save_for_backward(x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse, invalid)
+        saved.scale, saved.chunks, saved.workspace = scale, chunks, workspace
         return negative_lse, target_cos.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_lse: Tensor, grad_cos: Tensor) -> tuple[Tensor | None, ...]:
-        x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse, invalid = ctx.saved_tensors
+    def backward(saved: Any, grad_lse: Tensor, grad_cos: Tensor) -> tuple[Tensor | None, ...]:
+        x_unit, x_norm, weight, inv_wnorm, target_cos, target_col, negative_lse, invalid = saved.saved_tensors
         stat_dtype = negative_lse.dtype
-        mm_dtype = _matmul_dtype(weight, ctx.compute_dtype, stat_dtype)
-        scale = ctx.scale
+        mm_dtype = _matmul_dtype(weight, saved.chunks.compute_dtype, stat_dtype)
+        scale = saved.scale
         # g_b exp(logit - lse_b) = sign(g_b) exp(logit - (lse_b - log|g_b|)): the row factor goes into the
         # shift (one pass fewer over the block) and its sign onto the [B, D] operands. A row without
         # negatives (lse = -inf) has only -inf logits, so any finite shift serves it.
@@ -167,16 +186,15 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
         neg_shift = (torch.log(grad_lse.abs()) - finite_lse)[:, None]  # [B, 1]
         x_signed = _cast(x_unit * sign[:, None], mm_dtype)  # [B, D]
         grad_unit = torch.zeros_like(x_unit)
-        want_weight = ctx.needs_input_grad[1]
-        workspace = ctx.workspace
+        want_weight = saved.needs_input_grad[1]
+        workspace = saved.workspace
         grad_weight = None
         if want_weight:
             grad_weight = workspace.take_grad(weight) if workspace is not None else torch.empty_like(weight)
         x_mm = _cast(x_unit, mm_dtype)
         num_rows = x_unit.shape[0]
         exact = mm_dtype == stat_dtype == weight.dtype  # no casts: matmuls write straight into their outputs
-        for c0 in range(0, weight.shape[0], ctx.chunk_size):
-            c1 = min(c0 + ctx.chunk_size, weight.shape[0])
+        for c0, c1 in saved.chunks.ranges(weight.shape[0]):
             w = weight[c0:c1]
             w_mm = _cast(w, mm_dtype)  # cast once for the three matmuls that read the chunk
             coef = inv_wnorm[c0:c1] * scale  # [c]: d logit / d raw
@@ -222,7 +240,7 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
             grad_weight.index_put_((rows_t,), _cast(target_grad, grad_weight.dtype), accumulate=True)
         # Through u = x / ||x||: (I - u u^T) g / ||x||.
         grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
-        return grad_emb, grad_weight, None, None, None, None, None, None, None, None
+        return grad_emb, grad_weight, None, None, None, None, None, None
 
 
 class LinearMarginLogSumExp:
@@ -239,8 +257,8 @@ class LinearMarginLogSumExp:
     def apply(embeddings: Tensor, weight: Tensor, target_logits: Tensor, target_col: Tensor, scale: float,
               chunk_size: int, compute_dtype: torch.dtype | None, group: Any, valid: Tensor | None = None) -> Tensor:
         negative_lse, _ = LinearNegativeLogSumExp.apply(
-            embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale, chunk_size,
-            compute_dtype, group, None, valid,
+            embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale,
+            ChunkSpec(chunk_size, compute_dtype, group), None, valid,
         )
         return torch.logaddexp(target_logits, negative_lse)
 

@@ -466,7 +466,7 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
+        saved: Any,
         embeddings: Tensor,
         weight: Tensor,
         target_logits: Tensor,
@@ -500,24 +500,24 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
         else:  # nothing to launch; the collectives below still run on every rank
             inv_norm = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         lse = stats.logsumexp(group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
-        ctx.save_for_backward(x_unit, x_norm, x_mm, weight_c, inv_norm, target_logits, target_col, lse, valid_i8)
-        ctx.scale, ctx.options = float(scale), options
+        saved.save_for_backward(x_unit, x_norm, x_mm, weight_c, inv_norm, target_logits, target_col, lse, valid_i8)
+        saved.scale, saved.options = float(scale), options
         return lse
 
     @staticmethod
-    def backward(ctx: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        x_unit, x_norm, x_mm, weight, inv_norm, target_logits, target_col, lse, valid = ctx.saved_tensors
+    def backward(saved: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+        x_unit, x_norm, x_mm, weight, inv_norm, target_logits, target_col, lse, valid = saved.saved_tensors
         grad_lse = grad_lse.to(torch.float32).contiguous()
         grad_target = grad_lse * torch.exp(target_logits - lse)
         num_rows, num_cols = x_unit.shape[0], weight.shape[0]
         launch = num_rows > 0 and num_cols > 0
-        args = (x_mm, weight, target_col, valid, inv_norm, lse.contiguous(), grad_lse, ctx.scale, ctx.options)
+        args = (x_mm, weight, target_col, valid, inv_norm, lse.contiguous(), grad_lse, saved.scale, saved.options)
         grad_emb = grad_weight = None
-        if ctx.needs_input_grad[0]:
+        if saved.needs_input_grad[0]:
             grad_unit = fused_grad_embedding(*args) if launch else torch.zeros_like(x_unit)
             # Through u = x / ||x||: (I - u u^T) g / ||x||.
             grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
-        if ctx.needs_input_grad[1]:
+        if saved.needs_input_grad[1]:
             grad_weight = fused_grad_weight(*args) if launch else torch.zeros_like(weight)
         return grad_emb, grad_weight, grad_target, None, None, None, None, None, None, None
 
