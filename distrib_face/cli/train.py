@@ -43,7 +43,7 @@ _PROBE_BYTES = 4096
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``train`` and ``bench train``."""
+    """Add ``train``, ``bench train`` and ``bench comm``."""
     p = sub.add_parser("train", help="train a face-recognition model from a YAML config (one process or torchrun)")
     add_train_arguments(p)
     p.set_defaults(func=lambda args: train_command(args, prog="distrib-face train"))
@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     b.add_argument("--no-data", action="store_true", help="only the step on one fixed batch (skip the with-data run)")
     b.add_argument("--data-only", action="store_true", help="only the run that draws batches from the loader")
     b.set_defaults(func=_bench)
+
+    c = groups["bench"].add_parser(
+        "comm", help="bytes each collective moves in one training step, against the formula of docs/scale.md "
+                     "(run under torchrun for several ranks)")
+    _config_args(c)
+    c.add_argument("--json", default=None, help="also write the counts to this JSON file (rank 0)")
+    c.set_defaults(func=_bench_comm)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -245,4 +252,32 @@ def _bench(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r['mode']:<10} {r['global_batch']:>12} {r['median_step_ms']:>9.1f} {r['images_per_sec']:>9.1f} "
                   f"{r['peak_memory_mb']:>9.0f}  {r['peak_memory_kind']}")
+    return EXIT_OK
+
+
+def _bench_comm(args: argparse.Namespace) -> int:
+    try:
+        from distrib_face.config import load_config
+        from distrib_face.parallel import init_distributed
+        from distrib_face.train.bench import bench_comm
+
+        cfg = load_config(args.config, args.overrides)
+        ctx = init_distributed(device=cfg.device)
+        result = bench_comm(cfg, ctx)
+    except Exception as err:
+        return report("distrib-face bench comm", err)
+    if ctx.is_main:
+        print(f"{ctx.world_size} ranks, global batch {result['global_batch']}, embedding {cfg.model.embedding_size}, "
+              f"backbone {cfg.model.backbone} ({result['backbone_params']:,} parameters), "
+              f"ZeRO {cfg.deepspeed.zero_stage}, sample rate {cfg.loss.sample_rate}")
+        print(f"{'collective':<24} {'calls':>6} {'payload bytes':>14} {'wire bytes/rank':>16}")
+        for row in result["rows"]:
+            print(f"{row['name']:<24} {row['calls']:>6} {row['payload_bytes']:>14,} {row['wire_bytes']:>16,.0f}")
+        print(f"{'kind':<24} {'counted':>14} {'formula':>14}")
+        for kind in sorted(set(result["counted"]) | set(result["expected"])):
+            print(f"{kind:<24} {result['counted'].get(kind, 0):>14,} {result['expected'].get(kind, 0):>14,}")
+        if args.json:
+            from distrib_face.atomic import write_json
+
+            write_json(args.json, result)
     return EXIT_OK

@@ -242,3 +242,96 @@ def all_gather_json(obj: Any, group: dist.ProcessGroup | None = None, device: to
         out.append(json.loads(everyone[start:start + size].decode()))
         start += size
     return out
+
+
+# ------------------------------------------------------------------------------------------ counting (benchmarks)
+#: The collectives :class:`CollectiveCounter` watches, with how much of the payload each rank puts on the wire
+#: in the ring / tree algorithms gloo and NCCL use for large messages (W ranks, S the payload of the call as
+#: :func:`_payload_bytes` measures it): an all-reduce sends 2 (W-1)/W S (reduce-scatter then all-gather), an
+#: all-gather or a reduce-scatter (W-1)/W S, a broadcast at most S.
+_WIRE_FACTOR: dict[str, Any] = {
+    "all_reduce": lambda w: 2 * (w - 1) / w,
+    "all_gather_into_tensor": lambda w: (w - 1) / w,
+    "all_gather_single": lambda w: (w - 1) / w,
+    "all_gather": lambda w: (w - 1) / w,
+    "reduce_scatter_tensor": lambda w: (w - 1) / w,
+    "reduce_scatter_single": lambda w: (w - 1) / w,
+    "reduce_scatter": lambda w: (w - 1) / w,
+    "broadcast": lambda w: 1.0,
+}
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """The bytes a call is about: the reduced tensor, the gathered output, the scattered input."""
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if name in ("all_gather_into_tensor", "all_gather_single", "all_gather"):
+        return _nbytes(kwargs.get("output_tensor", kwargs.get("tensor_list", first)))
+    if name in ("reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter"):
+        return _nbytes(kwargs.get("input", kwargs.get("input_tensor", args[1] if len(args) > 1 else first)))
+    return _nbytes(kwargs.get("tensor", first))
+
+
+class CollectiveCounter:
+    """Counts the calls and bytes of every collective issued while it is active: benchmarks only.
+
+    ``with CollectiveCounter(world_size) as counter: step()`` then ``counter.rows()``. It wraps the functions
+    of ``torch.distributed`` (and this module's single-collective aliases, bound at import) for the duration of
+    the block, so everything that calls them by name is seen: our collectives, and DeepSpeed's gradient
+    all-reduce under ZeRO 0. (DeepSpeed keeps its own references to the all-gather / reduce-scatter functions
+    it uses for ZeRO 1-3; the counter wraps those too when DeepSpeed's communication backend exists.) Outside
+    the block nothing is wrapped: it costs nothing in training.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = int(world_size)
+        self.calls: dict[str, int] = {}
+        self.payload: dict[str, int] = {}
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, owner: Any, attr: str, name: str) -> None:
+        original = getattr(owner, attr, None)
+        if original is None or getattr(original, "_distrib_face_counted", False):
+            return
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.payload[name] = self.payload.get(name, 0) + _payload_bytes(name, args, kwargs)
+            return original(*args, **kwargs)
+
+        counted._distrib_face_counted = True  # type: ignore[attr-defined]
+        setattr(owner, attr, counted)
+        self._undo.append((owner, attr, original))
+
+    def __enter__(self) -> "CollectiveCounter":
+        import sys
+
+        for name in _WIRE_FACTOR:
+            self._wrap(dist, name, name)
+        module = sys.modules[__name__]
+        self._wrap(module, "_all_gather_single", "all_gather_single")
+        self._wrap(module, "_reduce_scatter_single", "reduce_scatter_single")
+        deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+        backend = getattr(deepspeed_comm, "cdb", None) if deepspeed_comm is not None else None
+        if backend is not None:
+            self._wrap(backend, "all_gather_function", "all_gather_into_tensor")
+            self._wrap(backend, "reduce_scatter_function", "reduce_scatter_tensor")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+        self._undo.clear()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per collective seen: ``name``, ``calls``, ``payload_bytes`` and ``wire_bytes`` (per rank)."""
+        factor = {name: f(self.world_size) if self.world_size > 1 else 0.0 for name, f in _WIRE_FACTOR.items()}
+        return [{"name": name, "calls": self.calls[name], "payload_bytes": self.payload[name],
+                 "wire_bytes": self.payload[name] * factor.get(name, 1.0)} for name in sorted(self.calls)]

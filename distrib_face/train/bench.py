@@ -92,3 +92,60 @@ def bench_train(cfg: Config, ctx: ProcessContext, *, steps: int = 20, warmup: in
         "peak_memory_mb": _peak_memory_mb(ctx.device),
         "peak_memory_kind": "cuda max allocated" if ctx.device.type == "cuda" else "process peak RSS",
     }
+
+
+def expected_step_payload(cfg: Config, world_size: int, backbone_params: int) -> dict[str, int]:
+    """What one training step's collectives carry, from the formula of docs/scale.md (bytes, all ranks' share).
+
+    ``B`` = global micro-batch, ``D`` = embedding size, ``P`` = backbone parameters; gathers and all-reduces
+    in fp32 (the statistics dtype), labels int64; DeepSpeed ZeRO 0 with fp32 gradients:
+
+    - all-gather: the embeddings ``B x D x 4`` and the labels ``B x 8``;
+    - reduce-scatter: the embeddings' gradient, ``B x D x 4``;
+    - all-reduce: four ``[B]`` vectors (the target cosines, the target logits, the softmax max and sum,
+      ``4 x B x 4``) and the backbone's gradient ``P x 4``.
+    """
+    batch = cfg.data.batch_size * world_size
+    dim = cfg.model.embedding_size
+    return {
+        "all_gather": batch * dim * 4 + batch * 8,
+        "reduce_scatter": batch * dim * 4,
+        "all_reduce": 4 * batch * 4 + backbone_params * 4,
+    }
+
+
+def bench_comm(cfg: Config, ctx: ProcessContext, *, warmup: int = 1) -> dict[str, Any]:
+    """Count what one training step's collectives move, against :func:`expected_step_payload` (collective).
+
+    Runs ``warmup`` steps, then one step under :class:`~distrib_face.parallel.collectives.CollectiveCounter`.
+
+    Returns:
+        ``{"rows": [{name, calls, payload_bytes, wire_bytes}], "expected": {kind: bytes}, "counted":
+        {kind: bytes}, "world_size", "global_batch", "backbone_params"}``; ``kind`` groups the variants of a
+        collective (``all_gather_into_tensor`` and ``all_gather_single`` are both ``all_gather``).
+    """
+    from distrib_face.parallel.collectives import CollectiveCounter
+
+    seed_everything(cfg.train.seed, deterministic=False)
+    parts = build_components(cfg, ctx, tracking=False)
+    set_learning_rates(parts.optimizers, parts.peaks, 1.0)
+    runner = StepRunner(cfg, ctx, parts)
+    batches = iter(parts.data.loader)
+    for _ in range(warmup):
+        images, labels = next(batches)
+        runner.forward_backward(images, labels)
+        runner.finish_step()
+    images, labels = next(batches)
+    with CollectiveCounter(ctx.world_size) as counter:
+        runner.forward_backward(images, labels)
+        runner.finish_step()
+    rows = counter.rows()
+    counted: dict[str, int] = {}
+    for row in rows:
+        kind = next((k for k in ("all_gather", "reduce_scatter", "all_reduce", "broadcast") if row["name"].startswith(k)),
+                    row["name"])
+        counted[kind] = counted.get(kind, 0) + row["payload_bytes"]
+    params = sum(p.numel() for p in parts.engine.module.parameters() if p.requires_grad)
+    return {"rows": rows, "counted": counted, "expected": expected_step_payload(cfg, ctx.world_size, params),
+            "world_size": ctx.world_size, "global_batch": cfg.data.batch_size * ctx.world_size,
+            "backbone_params": params}
