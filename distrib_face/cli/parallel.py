@@ -1,4 +1,5 @@
-"""Subcommands of ``distrib_face.parallel``: ``bench classifier`` and ``reshard``."""
+"""Subcommands of ``distrib_face.parallel``: ``bench classifier``, ``bench traffic``, ``bench grad-filter`` and
+``reshard``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import json
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``distrib-face bench classifier`` and ``distrib-face reshard``."""
+    """Add ``distrib-face bench classifier``, ``bench traffic``, ``bench grad-filter`` and ``reshard``."""
+    t = groups["bench"].add_parser(
+        "traffic", help="bytes one classifier step reads and writes, torch path vs fused kernels (computed, "
+                        "not measured), and the resulting floor at a memory bandwidth")
+    t.add_argument("--bandwidth", type=float, default=3.3e12, help="bytes per second (default 3.3e12, the H100 figure the docs quote)")
+    t.set_defaults(func=_bench_traffic)
+    g = groups["bench"].add_parser(
+        "grad-filter", help="the fused backward's gradient filter: tiles skipped and the gradient error it makes")
+    g.add_argument("--rows", type=int, default=256)
+    g.add_argument("--classes", type=int, default=100_000)
+    g.add_argument("--dim", type=int, default=512)
+    g.add_argument("--eps", type=float, nargs="+", default=[2.0**-12, 2.0**-8])
+    g.set_defaults(func=_bench_grad_filter)
     p = groups["bench"].add_parser(
         "classifier", help="ms/step and peak memory of the sharded classifier vs a naive whole-matrix baseline"
     )
@@ -145,4 +158,18 @@ def _reshard(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:  # missing / damaged / refused shard files: the message names the file
         raise CommandError(one_line(err)) from err
     print(f"wrote {len(written)} shard file(s) to {args.dst}")
+    return 0
+
+
+def _bench_traffic(args: argparse.Namespace) -> int:
+    from distrib_face.parallel.kernels.traffic import table
+
+    print(table(args.bandwidth))
+    return 0
+
+
+def _bench_grad_filter(args: argparse.Namespace) -> int:
+    from distrib_face.parallel.kernels.filter_study import format_study
+
+    print(format_study(args.rows, args.classes, args.dim, tuple(args.eps)))
     return 0

@@ -17,7 +17,6 @@ sets the loss:
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -109,22 +108,15 @@ def study(kind: str, num_rows: int = 256, num_classes: int = 100_000, dim: int =
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--eps", type=float, nargs="+", default=[2.0**-12, 2.0**-8])
-    args = parser.parse_args(argv)
-    print(f"ArcFace s=64 m=0.5, B={args.rows}, C={args.classes}, D={args.dim}; errors relative to the exact "
-          f"gradient of the whole loss (Frobenius; worst row for the embeddings)")
-    print("| distribution | loss | eps | tile | tiles skipped | d emb rel. error | worst row | d W rel. error |")
-    print("|---|---|---|---|---|---|---|---|")
+def format_study(rows: int = 256, classes: int = 100_000, dim: int = 512,
+                 eps: tuple[float, ...] = (2.0**-12, 2.0**-8)) -> str:
+    """The study of every distribution as a Markdown table (``distrib-face bench grad-filter`` prints it)."""
+    lines = [f"ArcFace s=64 m=0.5, B={rows}, C={classes}, D={dim}; errors relative to the exact "
+             "gradient of the whole loss (Frobenius; worst row for the embeddings)",
+             "| distribution | loss | eps | tile | tiles skipped | d emb rel. error | worst row | d W rel. error |",
+             "|---|---|---|---|---|---|---|---|"]
     for kind in DISTRIBUTIONS:
-        for r in study(kind, args.rows, args.classes, args.dim, eps=tuple(args.eps)):
-            print(f"| {r['distribution']} | {r['loss']:.2f} | 2^{math.log2(r['eps']):.0f} | {r['tile']} | "
-                  f"{r['skipped']:.1%} | {r['emb_rel']:.1e} | {r['emb_rel_max_row']:.1e} | {r['weight_rel']:.1e} |")
-
-
-if __name__ == "__main__":
-    main()
+        for r in study(kind, rows, classes, dim, eps=eps):
+            lines.append(f"| {r['distribution']} | {r['loss']:.2f} | 2^{math.log2(r['eps']):.0f} | {r['tile']} | "
+                         f"{r['skipped']:.1%} | {r['emb_rel']:.1e} | {r['emb_rel_max_row']:.1e} | {r['weight_rel']:.1e} |")
+    return "\n".join(lines)

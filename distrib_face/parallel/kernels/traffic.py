@@ -26,7 +26,6 @@ optimizer gathers and scatters rows, weights and momentum (``8w`` more), on the 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e (the H100 SXM's is 3.35e12)
@@ -90,13 +89,3 @@ def table(bandwidth: float = FLOOR_BANDWIDTH) -> str:
             f"{flops(s, 'torch') / 1e12:.2f} / {flops(s, 'fused') / 1e12:.2f} |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bandwidth", type=float, default=FLOOR_BANDWIDTH, help="bytes per second")
-    print(table(parser.parse_args(argv).bandwidth))
-
-
-if __name__ == "__main__":
-    main()
