@@ -85,7 +85,10 @@ def class_size_histogram(
 
 
 def _as_counts(class_counts: Iterable[int] | Mapping[object, int]) -> np.ndarray:
-    values = list(class_counts.values()) if isinstance(class_counts, Mapping) else list(class_counts)
+    if isinstance(class_counts, np.ndarray):
+        values: Any = class_counts  # a manifest's counts: no million-entry list on the way
+    else:
+        values = list(class_counts.values()) if isinstance(class_counts, Mapping) else list(class_counts)
     counts = np.asarray(values).astype(np.int64)
     if counts.size == 0:
         raise ValueError("class_counts is empty")

@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from distrib_face.data.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
     REPAIR_REASONS,
@@ -162,16 +164,18 @@ class VerifyResult:
 
 
 def _class_problems(manifest: Manifest, reports: Sequence[ShardReport]) -> list[str]:
-    found: Counter = Counter()
-    for report in reports:
-        found.update(report.labels)
     if any(r.problems["missing_shard"] or r.problems["truncated_shard"] for r in reports):
         return []  # the counts cannot match while samples are missing; those are reported already
-    differ = [c for c in range(manifest.num_classes) if found[c] != manifest.class_counts[c]]
-    if not differ:
+    found = np.zeros(manifest.num_classes, dtype=np.int64)  # [C] samples of each label in the shards
+    for report in reports:
+        if report.labels:
+            labels = np.fromiter(report.labels.keys(), dtype=np.int64, count=len(report.labels))
+            np.add.at(found, labels, np.fromiter(report.labels.values(), dtype=np.int64, count=len(report.labels)))
+    differ = np.flatnonzero(found != manifest.class_counts)
+    if not differ.size:
         return []
-    c = differ[0]
-    more = f" (and {len(differ) - 1} more classes differ)" if len(differ) > 1 else ""
+    c = int(differ[0])
+    more = f" (and {differ.size - 1} more classes differ)" if differ.size > 1 else ""
     return [f"class_counts[{c}] = {manifest.class_counts[c]} in the manifest, but the shards hold {found[c]} "
             f"samples of label {c}{more}"]
 
