@@ -1,6 +1,7 @@
-"""``distrib-face bench scale``: synth -> data verify -> train on 2 ranks -> reshard 2 -> 3 -> resume on 3 ranks
--> eval, each phase the real command, with its wall time, peak RSS (whole process tree) and img/s
-(:mod:`distrib_face.train.scale`)."""
+"""``distrib-face bench scale`` (synth -> data verify -> train on 2 ranks -> reshard 2 -> 3 -> resume on 3 ranks
+-> eval, each phase the real command, with its wall time, peak RSS of its whole process tree and img/s:
+:mod:`distrib_face.train.scale`) and ``distrib-face bench workers`` (``synth`` and ``pack`` at 1, 2, ...
+workers: :mod:`distrib_face.train.workers_bench`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``distrib-face bench scale``."""
+    """Add ``distrib-face bench scale`` and ``distrib-face bench workers``."""
     p = groups["bench"].add_parser(
         "scale", help="the million-identity run end to end: wall time, peak RSS and img/s of every phase",
         description="synth (or --shards) -> data verify -> train on 2 gloo ranks (Partial FC) -> checkpoint -> "
@@ -36,6 +37,16 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--overwrite", action="store_true", help="reuse --out even if it holds an earlier run")
     p.set_defaults(func=_bench_scale)
 
+    w = groups["bench"].add_parser("workers", help="synth and pack at 1, 2, ... --workers: wall s, CPU s, speed-up")
+    w.add_argument("--out", default="bench_workers_out", help="scratch folder (emptied; default bench_workers_out)")
+    w.add_argument("--workers", default="1,2", help="worker counts, comma-separated (default 1,2)")
+    w.add_argument("--identities-16", type=int, default=3450, help="identities of the 16 px synth (~50k images)")
+    w.add_argument("--identities-112", type=int, default=690, help="identities of the 112 px synth (~10k images)")
+    w.add_argument("--pack-identities", type=int, default=3450, help="identities of pack's 112 px folder (~50k)")
+    w.add_argument("--repeat", type=int, default=1,
+                   help="runs of each row, interleaved; the fastest is kept (a shared machine; default 1)")
+    w.set_defaults(func=_bench_workers)
+
 
 def _bench_scale(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -59,4 +70,26 @@ def _bench_scale(args: argparse.Namespace) -> int:
     except FileExistsError as err:
         raise CommandError(str(err)) from err
     print(format_scale_table(result))
+    return 0
+
+
+def _bench_workers(args: argparse.Namespace) -> int:
+    import os
+
+    from distrib_face.cli import CommandError
+    from distrib_face.train.workers_bench import format_workers_table, run_workers_bench
+
+    try:
+        counts = [int(v) for v in args.workers.split(",") if v.strip()]
+    except ValueError as err:
+        raise CommandError(f"--workers must be comma-separated integers, got {args.workers!r}") from err
+    if not counts or min(counts) < 1:
+        raise CommandError(f"--workers must list counts >= 1, got {args.workers!r}")
+    before = os.getloadavg()
+    rows = run_workers_bench(args.out, workers=counts, identities_16=args.identities_16,
+                             identities_112=args.identities_112, pack_identities=args.pack_identities,
+                             repeat=max(1, args.repeat))
+    print(f"load average before {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}, after "
+          + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    print(format_workers_table(rows))
     return 0

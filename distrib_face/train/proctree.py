@@ -44,6 +44,7 @@ class TreeUsage:
         max_processes: the most processes alive at one poll.
         by_kind: per kind of process (``rank``, ``forkserver``, ``worker``, ``launcher``, ...): the most of
             them alive at once and the largest single resident set, ``{kind: (count, max_rss_bytes)}``.
+        cpu_by_kind: CPU seconds per kind of process.
         log_path: where its stdout and stderr went.
     """
 
@@ -54,6 +55,7 @@ class TreeUsage:
     cpu_s: float
     max_processes: int
     by_kind: dict[str, tuple[int, int]] = field(default_factory=dict)
+    cpu_by_kind: dict[str, float] = field(default_factory=dict)
     log_path: Path | None = None
 
 
@@ -152,7 +154,10 @@ def measure_command(
             raise
         returncode = proc.wait()
     wall = time.perf_counter() - start
-    return TreeUsage(list(command), returncode, wall, peak, sum(cpu.values()), most, by_kind, log_path)
+    cpu_by_kind: dict[str, float] = {}
+    for key, seconds in cpu.items():
+        cpu_by_kind[kinds[key]] = cpu_by_kind.get(kinds[key], 0.0) + seconds
+    return TreeUsage(list(command), returncode, wall, peak, sum(cpu.values()), most, by_kind, cpu_by_kind, log_path)
 
 
 def _stop_session(proc: subprocess.Popen) -> None:
