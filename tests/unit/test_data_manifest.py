@@ -145,3 +145,14 @@ def test_the_reader_spec_carries_one_weight_array_not_a_list(tmp_path):
     assert len(pickle.dumps(spec)) - len(without) < 8 * 24 + 200
     counts = np.ones(24)
     assert np.allclose(spec.weights, counts.sum() / (np.sqrt(counts) * np.sqrt(counts).sum()))
+
+
+def test_data_verify_finds_class_counts_the_shards_do_not_hold(tmp_path):
+    from distrib_face.data.verify import verify_shards
+
+    write_indexed_shards(tmp_path, [5, 7])  # sample i has label i: one sample per class
+    assert verify_shards(tmp_path, workers=2, progress=False).ok
+    _rewrite_table(tmp_path, class_counts=np.array([2, 0] + [1] * 10))  # same total, two classes wrong
+    result = verify_shards(tmp_path, workers=2, progress=False)
+    assert result.set_problems == ["class_counts[0] = 2 in the manifest, but the shards hold 1 samples of label 0 "
+                                   "(and 1 more classes differ)"]
