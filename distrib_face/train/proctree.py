@@ -76,7 +76,7 @@ def _kind(proc: object, root_pid: int, forkservers: set[int]) -> str:
     if "multiprocessing.resource_tracker" in cmdline:
         return "resource_tracker"
     if proc.pid == root_pid:  # type: ignore[attr-defined]
-        return "launcher" if "torch.distributed.run" in cmdline or "torchrun" in cmdline else "main"
+        return "launcher" if "torchrun" in cmdline else "main"
     if " train " in f" {cmdline} " or "launch/train.py" in cmdline:
         return "rank"
     return "other"

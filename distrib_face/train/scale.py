@@ -133,7 +133,8 @@ def _python(*args: str) -> list[str]:
 
 
 def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    # torchrun of this interpreter's environment (a venv's bin/ beside its python)
+    return [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={nproc}",
             "-m", "distrib_face", *args]
 
 
