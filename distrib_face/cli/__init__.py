@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "distrib_face.cli.losses",
     "distrib_face.cli.data",
     "distrib_face.cli.train",
+    "distrib_face.cli.scale",
     "distrib_face.cli.eval",
     "distrib_face.cli.search",
     "distrib_face.cli.export",

@@ -1,4 +1,5 @@
-"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``data verify``, ``bench data``.
+"""Subcommands of ``distrib_face.data``: ``pack``, ``synth``, ``data stats``, ``data verify``, ``bench data``,
+``bench manifest``.
 
 Exit codes of ``pack``: 0 everything packed; 3 packed, but images were skipped or identities were empty
 (listed in ``pack_report.json``); 2 nothing usable written (refused output, strict stop, bad input).
@@ -23,7 +24,7 @@ EXIT_FAILED = 2
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``pack``, ``synth``, ``data stats`` and ``bench data``."""
+    """Add ``pack``, ``synth``, ``data stats``, ``data verify``, ``bench data`` and ``bench manifest``."""
     p = sub.add_parser("pack", help="pack an image folder / insightface .rec / list file into webdataset shards")
     p.add_argument("source", help="identity-per-folder tree, train.rec (or its folder), or a 'path label' list")
     p.add_argument("out", help="output folder for NAME-%%06d.tar shards, manifest.json, pack_report.json")
@@ -85,6 +86,10 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     b.add_argument("--workers", type=int, default=2, help="reader processes")
     b.add_argument("--device", default="cpu", help="cuda[:N] adds the DALI mixed (GPU) row")
     b.set_defaults(func=_bench)
+
+    m = groups["bench"].add_parser("manifest", help="seconds and RSS of reading a shard manifest, format 1 vs 2")
+    m.add_argument("--classes", type=int, default=1_000_000, help="identities in the manifest (default 1,000,000)")
+    m.set_defaults(func=_bench_manifest)
 
 
 def _pack(args: argparse.Namespace) -> int:
@@ -176,4 +181,15 @@ def _bench(args: argparse.Namespace) -> int:
             row = measure(shards, batch_size=args.batch_size, batches=args.batches, warmup=args.warmup, **config)
             print(f"{row.name:<24} {row.decoder:>7} {row.device:>7} {row.dali_threads:>7} {row.num_workers:>7} "
                   f"{row.images_per_second:>9.0f}")
+    return 0
+
+
+def _bench_manifest(args: argparse.Namespace) -> int:
+    from distrib_face.data.manifest_bench import format_manifest_table, measure_manifest_cost
+
+    if args.classes < 1:
+        from distrib_face.cli import CommandError
+
+        raise CommandError(f"--classes must be >= 1, got {args.classes}")
+    print(format_manifest_table(args.classes, measure_manifest_cost(args.classes)))
     return 0

@@ -243,8 +243,8 @@ class TrainLoader:
         self.max_image_pixels = max_image_pixels
         self.allow_missing_shards = allow_missing_shards
         self.stall_timeout = stall_timeout
-        weights = class_weights(manifest.class_counts, rebalance)
-        self._weights = None if weights is None else [float(w) for w in weights]
+        # [C] float64 or None: sent to every reader process as one array (8 bytes a class), not a list
+        self._weights = class_weights(manifest.class_counts, rebalance)
         self._progress = _Progress(epoch, positions=[0] * self.num_slots)
         self.counts = DataCounts(missing_shards=list(missing_shards))
         """What this loader delivered, skipped (by reason and shard), repaired, and fell back on."""
@@ -662,24 +662,23 @@ def _parse_image_size(image_size: int | Sequence[int] | None, manifest: Manifest
     return int(image_size[0]), int(image_size[1])
 
 
-def _scaled_class_counts(class_counts: Sequence[int], total: int) -> list[int]:
+def _scaled_class_counts(class_counts: np.ndarray, total: int) -> np.ndarray:
     """``class_counts`` scaled to sum to ``total`` (largest remainders; never negative). A subset's true class
     counts are unknown without reading it; they are used only to re-weight the long tail."""
-    full = sum(class_counts)
+    full = int(class_counts.sum())
     if full == 0:
-        return [0] * len(class_counts)
+        return np.zeros(len(class_counts), dtype=np.int64)
     exact = np.asarray(class_counts, dtype=np.float64) * (total / full)
     counts = np.floor(exact).astype(np.int64)
     remainder = int(total - counts.sum())
     if remainder > 0:
         counts[np.argsort(-(exact - counts), kind="stable")[:remainder]] += 1
-    return [int(c) for c in counts]
+    return counts
 
 
 def _subset(full: Manifest, shards: Sequence[str], counts: Sequence[int], content: str) -> Manifest:
     total = int(sum(counts))
-    return Manifest(full.num_classes, total, list(shards), list(counts), _scaled_class_counts(full.class_counts, total),
-                    full.label_map, full.source, content, full.image_size, full.location)
+    return full.with_shards(shards, counts, _scaled_class_counts(full.class_counts, total), content)
 
 
 def _manifest_for(shards_or_dir: Any) -> Manifest:

@@ -28,7 +28,7 @@ from distrib_face.atomic import write_json
 from distrib_face.data.decode import DEFAULT_MAX_IMAGE_PIXELS, BadSample, decode_image, inspect_image, resize_rgb
 from distrib_face.data.manifest import MANIFEST_NAME, Manifest, content_hash, write_manifest
 from distrib_face.data.procs import OrderedPool
-from distrib_face.data.shards import ShardWriter
+from distrib_face.data.shards import ShardWriter, encode_sample
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,40 @@ def scan_folder(root: str | os.PathLike) -> Source:
     if not root.is_dir():
         raise PackError(f"{root}: not a folder")
     items, identities, empty = [], [], []
-    for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    base = str(root)
+    with os.scandir(root) as entries:
+        folders = sorted(entry.name for entry in entries if entry.is_dir())
+    for name in folders:
+        files = _image_files(f"{base}/{name}" if base != "/" else f"/{name}")
         if not files:
-            empty.append(folder.name)
+            empty.append(name)
             continue
-        identities.append(folder.name)
-        items += [Item(str(p), folder.name) for p in files]
+        identities.append(name)
+        items += [Item(path, name) for path in files]
     if not items:
         raise PackError(f"{root}: no images in any identity sub-folder (extensions {IMAGE_EXTENSIONS})")
     return Source("folder", str(root), items, identities, empty)
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files under ``folder`` (any depth, not through symlinked folders), in ``sorted(Path.rglob)``
+    order: by path components. ``os.scandir`` knows a file from a folder without a ``stat`` per file, which a
+    folder of millions of images needs (``Path.rglob`` + ``is_file`` took 0.85 s for 50k images)."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    pending: list[tuple[str, tuple[str, ...]]] = [(folder, ())]
+    while pending:
+        path, parts = pending.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((entry.path, (*parts, entry.name)))
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                        found.append(((*parts, entry.name), entry.path))
+        except OSError as err:
+            raise PackError(f"{path}: cannot list this folder: {err}") from err
+    found.sort()
+    return [path for _, path in found]
 
 
 def scan_list(list_file: str | os.PathLike) -> Source:
@@ -171,24 +195,38 @@ def _read_bytes(item: Item) -> bytes:
     return unpack_record(read_record(handle, item.offset)).payload
 
 
-def _prepare(job: tuple[int, Item, int, int | None, bool, int]) -> tuple[int, bytes | None, str, str, tuple[int, int]]:
-    """Load one item: ``(index, jpeg bytes or None, error, skip reason, (H, W))``.
+_Job = tuple[int, Item, int, int, int | None, bool, int]  # index, item, label, quality, size, verify, max pixels
+_Result = tuple[int, bytes | None, int, str, str, tuple[int, int]]
+
+
+def _prepare(job: _Job) -> _Result:
+    """Load one item: ``(index, its tar members or None, image bytes, error, skip reason, (H, W))``.
 
     The header is checked first (:func:`distrib_face.data.decode.inspect_image`: pixel limit, truncation), so
-    no decoder allocates for a decompression bomb; the reasons are those of the training loader.
+    no decoder allocates for a decompression bomb; the reasons are those of the training loader. The sample's
+    tar members (key ``index`` as 9 digits) are built here, in the worker (:func:`~distrib_face.data.shards.encode_sample`).
     """
-    index, item, quality, image_size, verify, max_pixels = job
+    index, item, label, quality, image_size, verify, max_pixels = job
+    data, error, reason, size = _load(item, quality, image_size, verify, max_pixels)
+    if data is None:
+        return index, None, 0, error, reason, size
+    return index, encode_sample(f"{index:09d}", data, label), len(data), "", "", size
+
+
+def _load(item: Item, quality: int, image_size: int | None, verify: bool,
+          max_pixels: int) -> tuple[bytes | None, str, str, tuple[int, int]]:
+    """``(jpeg bytes or None, error, skip reason, (H, W))`` of one item."""
     try:
         data = _read_bytes(item)
     except (OSError, ValueError) as err:
-        return index, None, f"{type(err).__name__}: {err}", "not_an_image", (0, 0)
+        return None, f"{type(err).__name__}: {err}", "not_an_image", (0, 0)
     try:
         header = inspect_image(data, max_pixels)
         size = (header.height, header.width)
         if header.format == "JPEG" and header.mode in ("RGB", "L") and header.bits == 8 and image_size is None:
             if verify:
                 decode_image(data, header, max_pixels)  # proves the whole file decodes
-            return index, data, "", "", size
+            return data, "", "", size
         image = decode_image(data, header, max_pixels)
         if header.mode in ("L", "LA", "I", "I;16", "F", "1"):
             image = image.convert("L")  # grey stays grey (16-bit scaled to 8, not clipped)
@@ -197,9 +235,9 @@ def _prepare(job: tuple[int, Item, int, int | None, bool, int]) -> tuple[int, by
             size = (image_size, image_size)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)
-        return index, buffer.getvalue(), "", "", size
+        return buffer.getvalue(), "", "", size
     except BadSample as bad:
-        return index, None, str(bad), bad.reason, (0, 0)
+        return None, str(bad), bad.reason, (0, 0)
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -301,12 +339,13 @@ def pack(
     class_counts = list(state["class_counts"])
     skipped = list(state["skipped"])
     sizes = {tuple(s) for s in state["sizes"]}
-    jobs = ((i, scanned.items[i], quality, image_size, verify, max_image_pixels)
+    jobs = ((i, scanned.items[i], labels[scanned.items[i].identity], quality, image_size, verify, max_image_pixels)
             for i in range(state["items_done"], len(scanned.items)))
     remaining = len(scanned.items) - state["items_done"]
-    for index, data, error, reason, size in _run_jobs(jobs, workers, remaining, progress, stall_timeout):
+    for index, members, image_bytes, error, reason, size in _run_jobs(jobs, workers, remaining, progress,
+                                                                      stall_timeout):
         item = scanned.items[index]
-        if data is None:
+        if members is None:
             where = item.ref if item.offset < 0 else f"{item.ref}@{item.offset}"
             if strict:
                 raise PackError(f"{where}: unreadable image ({error}); stopped because strict=True")
@@ -316,7 +355,7 @@ def pack(
         label = labels[item.identity]
         sizes.add(size)
         class_counts[label] += 1
-        finished = writer.write(f"{index:09d}", data, label)
+        finished = writer.write_encoded(members, image_bytes, label)
         if finished is not None:
             state["shards"].append({"name": finished.path.name, "count": finished.count, "bytes": finished.bytes,
                                     "sha256": finished.sha256})
@@ -424,8 +463,8 @@ def _by_reason(skipped: list[dict[str, str]]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _run_jobs(jobs: Iterator[tuple[int, Item, int, int | None, bool, int]], workers: int | None, total: int,
-              progress: bool, stall_timeout: float) -> Iterator[tuple[int, bytes | None, str, str, tuple[int, int]]]:
+def _run_jobs(jobs: Iterator[_Job], workers: int | None, total: int, progress: bool,
+              stall_timeout: float) -> Iterator[_Result]:
     from tqdm import tqdm
 
     if workers is None:

@@ -289,7 +289,7 @@ class SlotSpec:
     shuffle: bool = True
     shuffle_buffer: int = 1000
     resampled: bool = False
-    weights: list[float] | None = None
+    weights: np.ndarray | None = None  # [C] float64 repeat factor of each class (class_weights)
     skip: int = 0
     decode: str = "raw"  # "raw": checked bytes DALI can decode as they are; "pil": decoded uint8 HWC arrays
     image_size: tuple[int, int] | None = None  # output (H, W) of the PIL path
@@ -348,7 +348,7 @@ def _ordered_samples(spec: SlotSpec) -> Iterator[RawSample]:
             running += 1
 
 
-def _reweighted(samples: Iterator[RawSample], weights: Sequence[float] | None,
+def _reweighted(samples: Iterator[RawSample], weights: np.ndarray | Sequence[float] | None,
                 rng: random.Random) -> Iterator[RawSample]:
     if weights is None:
         yield from samples

@@ -255,8 +255,8 @@ def write_synthetic(
     finished = sorted(_run_shard_jobs(jobs, workers, len(labels)))
     manifest = Manifest(
         num_classes=num_identities, num_samples=int(len(labels)), shards=[f[1] for f in finished],
-        shard_counts=[f[2] for f in finished], class_counts=[int(c) for c in counts],
-        label_map={f"id{i:06d}": i for i in range(num_identities)},
+        shard_counts=[f[2] for f in finished], class_counts=counts,
+        class_names=[f"id{i:06d}" for i in range(num_identities)],
         source={"kind": "synthetic", "num_identities": num_identities, "min_images": min_images,
                 "max_images": max_images, "zipf_a": zipf_a, "holdout_identities": holdout_identities,
                 "image_size": image_size, "seed": seed},

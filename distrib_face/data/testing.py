@@ -58,7 +58,7 @@ def write_indexed_shards(out_dir: str | os.PathLike, shard_sizes: Sequence[int],
     manifest = Manifest(
         num_classes=total, num_samples=total, shards=[str(f.path) for f in finished],
         shard_counts=[f.count for f in finished], class_counts=[1] * total,
-        label_map={str(i): i for i in range(total)}, source={"kind": "test"},
+        class_names=[str(i) for i in range(total)], source={"kind": "test"},
         content_hash=content_hash([f.sha256 for f in finished]), image_size=(image_size, image_size),
         shard_hashes=[f.sha256 for f in finished], shard_bytes=[f.bytes for f in finished],
     )

@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from distrib_face.data.decode import (
     DEFAULT_MAX_IMAGE_PIXELS,
     REPAIR_REASONS,
@@ -49,7 +51,8 @@ class ShardReport:
         samples: samples read from it.
         problems: reason -> count (samples, except ``bytes_mismatch`` / ``sha256_mismatch`` which are 1).
         repaired: repair reason -> samples.
-        labels: label -> samples with that (valid) label, for the class-count check.
+        labels: label -> samples with that (valid) label, for the class-count check (emptied once
+            :func:`verify_shards` has counted them).
     """
 
     name: str
@@ -161,17 +164,24 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-def _class_problems(manifest: Manifest, reports: Sequence[ShardReport]) -> list[str]:
-    found: Counter = Counter()
-    for report in reports:
-        found.update(report.labels)
+def _add_labels(found: np.ndarray, report: ShardReport) -> None:
+    """Add a shard's label counts into ``found`` (``[C]``) and drop them from the report: a million-class set
+    would otherwise keep a dict entry per sample until the end."""
+    if report.labels:
+        labels = np.fromiter(report.labels.keys(), dtype=np.int64, count=len(report.labels))
+        np.add.at(found, labels, np.fromiter(report.labels.values(), dtype=np.int64, count=len(report.labels)))
+    report.labels = Counter()
+
+
+def _class_problems(manifest: Manifest, reports: Sequence[ShardReport], found: np.ndarray) -> list[str]:
+    """``found``: samples of each label in the shards (``[C]``)."""
     if any(r.problems["missing_shard"] or r.problems["truncated_shard"] for r in reports):
         return []  # the counts cannot match while samples are missing; those are reported already
-    differ = [c for c in range(manifest.num_classes) if found[c] != manifest.class_counts[c]]
-    if not differ:
+    differ = np.flatnonzero(found != manifest.class_counts)
+    if not differ.size:
         return []
-    c = differ[0]
-    more = f" (and {len(differ) - 1} more classes differ)" if len(differ) > 1 else ""
+    c = int(differ[0])
+    more = f" (and {differ.size - 1} more classes differ)" if differ.size > 1 else ""
     return [f"class_counts[{c}] = {manifest.class_counts[c]} in the manifest, but the shards hold {found[c]} "
             f"samples of label {c}{more}"]
 
@@ -209,9 +219,11 @@ def verify_shards(shards_or_dir: str | os.PathLike, *, workers: int = 2, sha256:
     else:
         results = OrderedPool(verify_shard, min(workers, len(jobs)), name="verify worker").imap(jobs, chunk_size=1)
     reports = []
+    found = np.zeros(manifest.num_classes, dtype=np.int64)  # [C] samples of each label in the shards
     with tqdm(total=manifest.num_samples, unit="img", disable=not progress) as bar:
         for report in results:
+            _add_labels(found, report)
             reports.append(report)
             bar.update(report.samples)
-    set_problems += _class_problems(manifest, reports)
+    set_problems += _class_problems(manifest, reports, found)
     return VerifyResult(manifest, reports, set_problems)

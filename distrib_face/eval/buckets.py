@@ -58,7 +58,7 @@ def tercile_edges(class_counts: Sequence[int]) -> tuple[int, int]:
     return low, max(high, low + 1)
 
 
-def load_class_counts(path: str | os.PathLike) -> tuple[dict[str, int], tuple[int, int]]:
+def load_class_counts(path: str | os.PathLike) -> tuple[Mapping[str, int], tuple[int, int]]:
     """Training-image counts per identity name, and the bucket edges.
 
     Accepted:
@@ -75,10 +75,7 @@ def load_class_counts(path: str | os.PathLike) -> tuple[dict[str, int], tuple[in
     if path.is_dir() or path.name == "manifest.json":
         from distrib_face.data.manifest import read_manifest
 
-        manifest = read_manifest(path)
-        names = {label: name for name, label in manifest.label_map.items()}
-        return ({names.get(label, str(label)): int(c) for label, c in enumerate(manifest.class_counts)},
-                DEFAULT_EDGES)
+        return read_manifest(path).counts_by_name(), DEFAULT_EDGES
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as err:

@@ -137,10 +137,7 @@ def scan_image_source(source: str | os.PathLike, kind: str = "auto") -> ImageSou
                 manifest = read_manifest(source)
             except FileNotFoundError as err:
                 raise SourceError(str(err)) from err
-            names = [""] * manifest.num_classes
-            for name, label in manifest.label_map.items():
-                if 0 <= label < manifest.num_classes:
-                    names[label] = name
+            names = manifest.class_names
             return ImageSource("shards", text, names if any(names) else [], shards=list(manifest.shards),
                                shard_counts=list(manifest.shard_counts), num_images=manifest.num_samples)
         if kind == "folder":

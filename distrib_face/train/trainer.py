@@ -101,9 +101,8 @@ class Verifier:
         manifest = parts.data.manifest
         self.class_counts = None
         if manifest is not None and any(p.identities is not None for p in self.pairsets):
-            names = {label: name for name, label in manifest.label_map.items()}
-            self.class_counts = {names.get(label, str(label)): int(count)
-                                 for label, count in enumerate(manifest.class_counts)}
+            # a view over the manifest: its name index is built at the first lookup, not a copy per rank
+            self.class_counts = manifest.counts_by_name()
 
     def should_eval(self, step: int) -> bool:
         """Whether to verify after ``step`` during training (the final verification is :meth:`run` in finish)."""

@@ -183,7 +183,7 @@ def test_pack_skips_every_bad_image_by_reason_and_converts_the_rest(tmp_path):
     result = pack(tmp_path / "faces", tmp_path / "out", workers=2, progress=False)
     report = json.loads(result.report_path.read_text())
     assert report["skipped_by_reason"] == expected
-    assert result.manifest.num_samples == 4 and result.manifest.class_counts == [0, 4]
+    assert result.manifest.num_samples == 4 and result.manifest.class_counts.tolist() == [0, 4]
     import tarfile
 
     with tarfile.open(result.manifest.shards[0]) as tar:

@@ -141,7 +141,7 @@ def test_pack_orl_faces(shared_data, tmp_path):
     result = pack(shared_data / "orl_faces", tmp_path / "orl", workers=2, progress=False)
     manifest = read_manifest(tmp_path / "orl")
     assert manifest.num_classes == 40 and manifest.num_samples == 400
-    assert manifest.class_counts == [10] * 40 and result.num_skipped == 0
+    assert manifest.class_counts.tolist() == [10] * 40 and result.num_skipped == 0
     assert manifest.image_size == (112, 92)
     loader = build_loader(tmp_path / "orl", batch_size=50, rank=0, world_size=1, num_workers=0, decoder="dali",
                           image_size=112)

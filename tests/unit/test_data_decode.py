@@ -138,8 +138,9 @@ def test_labels_outside_the_classes_are_refused(raw, reason):
 
 
 def _edit_manifest(root, change):
+    """Rewrite ``root``'s manifest in format 1 (class counts and label map inline), changed by ``change``."""
     path = root / "manifest.json"
-    raw = json.loads(path.read_text())
+    raw = read_manifest(root).to_json_dict_v1()
     change(raw)
     path.write_text(json.dumps(raw))
 
@@ -157,7 +158,7 @@ def _edit_manifest(root, change):
     (lambda m: m.update(image_size=[16, 0]), "image_size must be"),
     (lambda m: m["label_map"].update({"x": 99}), r"label_map\['x'\]=99 is outside"),
 ])
-def test_a_manifest_with_bad_counts_is_refused_naming_the_field(tmp_path, change, field):
+def test_a_format1_manifest_with_bad_counts_is_refused_naming_the_field(tmp_path, change, field):
     write_indexed_shards(tmp_path, [5, 7])
     _edit_manifest(tmp_path, change)
     with pytest.raises(ValueError, match=field):

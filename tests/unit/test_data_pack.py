@@ -70,7 +70,7 @@ def test_folder_round_trip_every_image_with_its_label(folder, tmp_path):
     assert manifest.num_classes == 5 and manifest.num_samples == 20
     assert manifest.shard_counts == [7, 7, 6]
     assert manifest.label_map == {f"person{i}": i for i in range(5)}
-    assert manifest.class_counts == [4] * 5 and manifest.image_size == (20, 20)
+    assert manifest.class_counts.tolist() == [4] * 5 and manifest.image_size == (20, 20)
     assert result.empty_identities == ["nobody"] and result.num_skipped == 0
     packed = _read_shards(out)
     for person in range(5):
@@ -136,7 +136,7 @@ def test_list_file_source(tmp_path):
     (tmp_path / "list.txt").write_text("# path label\n" + "\n".join(lines) + "\n")
     result = pack(tmp_path / "list.txt", tmp_path / "out", workers=1, progress=False)
     assert result.manifest.label_map == {"10": 0, "11": 1}
-    assert result.manifest.class_counts == [3, 3]
+    assert result.manifest.class_counts.tolist() == [3, 3]
 
 
 def test_recordio_records_split_at_the_magic_number_read_back(tmp_path):
@@ -165,7 +165,60 @@ def test_insightface_rec_to_shards(tmp_path, multi_label):
     result = pack(tmp_path / "rec", tmp_path / "out", workers=2, progress=False)
     manifest = result.manifest
     assert manifest.label_map == {"3": 0, "5": 1, "8": 2}
-    assert manifest.class_counts == [3, 1, 3] and manifest.num_samples == 7
+    assert manifest.class_counts.tolist() == [3, 1, 3] and manifest.num_samples == 7
     packed = _read_shards(tmp_path / "out")
     for label, data in images:
         assert data in packed[manifest.label_map[str(label)]]
+
+
+def test_shard_bytes_are_tarfiles_and_the_digest_is_the_files(tmp_path):
+    # the writer appends pre-encoded members itself: its shards must be byte for byte what tarfile writes
+    import hashlib
+    import io
+    import tarfile
+
+    from distrib_face.data.shards import ShardWriter, encode_sample
+
+    samples = [(f"{i:09d}", bytes(range(i % 256)) * (i + 1), i * 7) for i in range(23)]
+    writer = ShardWriter(tmp_path, prefix="t", max_count=10)
+    for key, image, label in samples[:12]:
+        writer.write(key, image, label)
+    for key, image, label in samples[12:]:
+        writer.write_encoded(encode_sample(key, image, label), len(image), label)
+    shards = writer.close()
+    assert [s.count for s in shards] == [10, 10, 3]
+    for number, shard in enumerate(shards):
+        reference = io.BytesIO()
+        with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, image, label in samples[10 * number:10 * number + 10]:
+                for name, payload in ((f"{key}.jpg", image), (f"{key}.cls", str(label).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(payload), 0o444, 0
+                    tar.addfile(info, io.BytesIO(payload))
+        data = shard.path.read_bytes()
+        assert data == reference.getvalue()
+        assert shard.bytes == len(data) and shard.sha256 == hashlib.sha256(data).hexdigest()
+        assert shard.labels == [label for _, _, label in samples[10 * number:10 * number + 10]]
+    with pytest.raises(ValueError, match="must not contain"):
+        encode_sample("a.b", b"x", 1)
+
+
+def test_folder_scan_lists_what_pathlib_lists_in_the_same_order(tmp_path):
+    # scan_folder walks with os.scandir (no stat per file); the reference is sorted(Path.rglob) per identity
+    from distrib_face.data.pack import IMAGE_EXTENSIONS, scan_folder
+
+    for rel in ["a/x.jpg", "a/sub/y.JPG", "a/sub-z.png", "a/sub/deeper/q.webp", "b/notes.txt", "c/.hidden.jpg",
+                "a/a-b.jpg", "a/a/b.jpg", "d/e/f.bmp", "a b/ü.jpeg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a" / "link.jpg").symlink_to(tmp_path / "a" / "x.jpg")
+    (tmp_path / "a" / "linked").symlink_to(tmp_path / "d", target_is_directory=True)
+    scanned = scan_folder(tmp_path)
+    expected, names = [], []
+    for folder in sorted((p for p in tmp_path.iterdir() if p.is_dir()), key=lambda p: p.name):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        expected += [(str(p), folder.name) for p in files]
+        names += [folder.name] if files else []
+    assert [(item.ref, item.identity) for item in scanned.items] == expected
+    assert scanned.identities == names and scanned.empty_identities == ["b", "empty"]

@@ -31,7 +31,7 @@ def test_workers_do_not_change_the_set(tmp_path):
     labels = np.array([label for _, label, _ in samples])
     # every sample is where the manifest says, once: class counts and the total agree with the shards
     assert len(samples) == manifest.num_samples == sum(manifest.shard_counts)
-    assert np.bincount(labels, minlength=manifest.num_classes).tolist() == manifest.class_counts
+    assert np.bincount(labels, minlength=manifest.num_classes).tolist() == manifest.class_counts.tolist()
     assert len({key for key, _, _ in samples}) == len(samples)
     assert Image.open(io.BytesIO(samples[0][2])).size == (16, 16)
 
