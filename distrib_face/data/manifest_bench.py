@@ -37,7 +37,7 @@ t = time.perf_counter(); names = m.class_names
 out["class_names"] = (time.perf_counter() - t, *rss())
 t = time.perf_counter(); labels = m.label_map
 out["label_map"] = (time.perf_counter() - t, *rss())
-print(json.dumps({"base": base, "steps": out}))
+sys.stdout.write(json.dumps({"base": base, "steps": out}) + "\n")
 """
 
 
