@@ -33,18 +33,23 @@ ABSENT_ON_IMAGE = ("ray", "mlflow", "nvidia.dali", "matplotlib", "sklearn", "sci
 
 # ../shared/GPU.md, measured on an H100 with insightface arcface_torch (batch 256): what to beat.
 REFERENCE = {
-    "clf 1M r1.0": "50.8 ms, 13.4 GB", "clf 2M r1.0": "98 ms, 26.8 GB", "clf 4M r1.0": "192 ms, 53.5 GB",
+    "clf 1M r1.0": "50.8 ms, 13.4 GB", "clf 1M r1.0 bf16 weights": "50.8 ms, 13.4 GB (fp32)",
+    "clf 2M r1.0": "98 ms, 26.8 GB", "clf 4M r1.0": "192 ms, 53.5 GB",
     "clf 8M r0.1": "163 ms, 61.1 GB", "clf 16M r0.1": "out of memory", "clf 32M r0.1": "-",
     "r50 fp16": "2,426 img/s, 9.0 GB", "r50 bf16 cl": "2,972 img/s", "r50 bf16 cl compile": "3,312 img/s",
     "step 2M r0.2 fp16": "1,598 img/s, 21.2 GB", "step 2M r0.2 bf16 cl": "1,598 img/s (fp16)",
     "step 2M r0.2 bf16 cl compile": "1,598 img/s (fp16)",
 }
-TARGET = {"clf 1M r1.0": "<= 10 ms, <= 6 GB", "step 2M r0.2 bf16 cl": ">= 3,500 img/s",
+# 6 GB at 1M classes needs bf16 storage (fp32 weights, momentum and gradient are 2 GB each): the memory half
+# of the target belongs to the bf16-weight row, the time half to both.
+TARGET = {"clf 1M r1.0": "<= 10 ms", "clf 1M r1.0 bf16 weights": "<= 10 ms, <= 6 GB",
+          "step 2M r0.2 bf16 cl": ">= 3,500 img/s",
           "step 2M r0.2 bf16 cl compile": ">= 3,500 img/s"}
 
 # (name, classes, sample rate, weight dtype, kernel); all batch 256, 512-d, bf16 matmuls, ArcFace.
 CLASSIFIER_ROWS = [
     ("clf 1M r1.0", 1_000_000, 1.0, "fp32", "auto"),
+    ("clf 1M r1.0 bf16 weights", 1_000_000, 1.0, "bf16", "auto"),
     ("clf 1M r1.0 torch path", 1_000_000, 1.0, "fp32", "torch"),
     ("clf 2M r1.0", 2_000_000, 1.0, "fp32", "auto"),
     ("clf 4M r1.0", 4_000_000, 1.0, "fp32", "auto"),
