@@ -66,6 +66,8 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["model.backbone"] == "iresnet_tiny"
     assert {"loss", "lr", "images_per_sec", "grad_norm", "verify/synthetic_holdout/accuracy"} <= set(run.data.metrics)
+    # One name per quantity (docs/tracking.md): the old throughput / final-loss names are not logged.
+    assert not {"img_s", "images_per_sec_run", "final_loss"} & set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "verify/synthetic_holdout/accuracy")
     assert sorted(m.step for m in history) == [0, 3, 6]
     assert history[-1].value == pytest.approx(first["verification_after"]["synthetic_holdout"])
@@ -84,8 +86,8 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
     assert run.info.run_name.startswith("iresnet_tiny-cosface-synthetic-")  # says what ran (data: the manifest)
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.digest and "12" in dataset.dataset.profile
-    if first["onnx"] is not None:
-        assert Path(first["onnx"]).is_file()
+    # train.export_onnx defaults to true: a finished run has its ONNX model (the fine-tuning turned it off).
+    assert first["onnx"] is not None and Path(first["onnx"]).is_file() and tuned["onnx"] is None
 
 
 def _stopped_then_resumed_worker(rank: int, world_size: int, out: str, db: str) -> dict:
