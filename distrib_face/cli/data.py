@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 EXIT_SKIPPED = 3
 EXIT_PROBLEMS = 3
-EXIT_FAILED = 2
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -113,27 +112,48 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_not_other_file(shards: str) -> None:
+    """Refuse a local file that cannot be a shard manifest (a .tar, a pair set) before reading it as JSON."""
+    from pathlib import Path
+
+    from distrib_face.cli import CommandError
+    from distrib_face.data.manifest import is_remote
+
+    given = Path(shards)
+    if not is_remote(shards) and given.is_file() and given.suffix != ".json":
+        raise CommandError(f"{given}: a {given.suffix or 'plain'} file, not a shard folder or its manifest.json")
+
+
 def _verify(args: argparse.Namespace) -> int:
+    from distrib_face.cli import CommandError, one_line
     from distrib_face.data.verify import verify_shards
 
+    _check_not_other_file(args.shards)
     try:
         result = verify_shards(args.shards, workers=args.workers, sha256=args.sha256,
                                max_image_pixels=args.max_image_pixels, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return EXIT_FAILED
+    except (FileNotFoundError, ValueError) as err:  # no manifest, or an invalid one (the message names it)
+        raise CommandError(one_line(err)) from err
     print(result.table())
     return 0 if result.ok else EXIT_PROBLEMS
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrib_face.cli import CommandError, one_line
     from distrib_face.data.synthetic import write_synthetic
 
-    m = write_synthetic(args.out, num_identities=args.identities, min_images=args.min_images,
-                        max_images=args.max_images, zipf_a=args.zipf_a, holdout_identities=args.holdout,
-                        image_size=args.image_size, seed=args.seed, num_pairs=args.pairs,
-                        samples_per_shard=args.samples_per_shard, seen_pairs=args.seen_pairs,
-                        workers=args.workers or os.cpu_count() or 1)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"{args.out}: exists and is not a folder (synth writes a shard folder)")
+    try:
+        m = write_synthetic(args.out, num_identities=args.identities, min_images=args.min_images,
+                            max_images=args.max_images, zipf_a=args.zipf_a, holdout_identities=args.holdout,
+                            image_size=args.image_size, seed=args.seed, num_pairs=args.pairs,
+                            samples_per_shard=args.samples_per_shard, seen_pairs=args.seen_pairs,
+                            workers=args.workers or os.cpu_count() or 1)
+    except ValueError as err:  # a count out of range (the message names the parameter and the value)
+        raise CommandError(one_line(err)) from err
     print(f"wrote {m.num_samples} images of {m.num_classes} identities in {len(m.shards)} shards to {args.out}")
     return 0
 
@@ -145,9 +165,7 @@ def _stats(args: argparse.Namespace) -> int:
     from distrib_face.data.manifest import is_remote, read_manifest
     from distrib_face.data.stats import format_histogram, plot_class_sizes
 
-    given = Path(args.shards)
-    if not is_remote(args.shards) and given.is_file() and given.suffix != ".json":
-        raise CommandError(f"{given}: a {given.suffix or 'plain'} file, not a shard folder or its manifest.json")
+    _check_not_other_file(args.shards)
     try:
         m = read_manifest(args.shards)
     except (FileNotFoundError, ValueError) as err:

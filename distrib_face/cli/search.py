@@ -8,8 +8,6 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
-
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``distrib-face embed``, ``distrib-face search`` and ``distrib-face bench search``."""
@@ -88,9 +86,12 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.set_defaults(func=_bench)
 
 
-def _fail(command: str, err: Exception) -> int:
-    print(f"distrib-face {command}: {err}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+def _fail(err: Exception) -> Exception:
+    """``err`` (a wrong input of ``embed``, ``search`` or ``bench search``) as the CLI's one error line: main
+    prints it as ``distrib-face: error: ...`` and exits 2, like every other subcommand."""
+    from distrib_face.cli import CommandError, one_line
+
+    return CommandError(one_line(err))
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -105,14 +106,14 @@ def _embed(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=args.device, num_threads=args.threads)
         source = scan_image_source(args.source, args.kind)
     except (OSError, ValueError, SourceError) as err:
-        return _fail("embed", err)
+        raise _fail(err) from err
     logger.info("embedding %d images of %s (%s) with %s, %d reader processes", source.num_images, source.path,
                 source.kind, args.model, workers)
     try:
         emb = embed_source(model, source, batch_size=args.batch_size, workers=workers, flip=not args.no_flip,
                            timeout=args.timeout, progress=False if args.no_progress else None)
     except ValueError as err:
-        return _fail("embed", err)
+        raise _fail(err) from err
     emb.meta["model"] = str(args.model)
     path = save_embeddings(args.output, emb)
     skipped = ", ".join(f"{reason} {count}" for reason, count in emb.skip_counts.items()) or "none"
@@ -131,7 +132,7 @@ def _search(args: argparse.Namespace) -> int:
         probes = load_embeddings(args.probes)
         distractors = load_embeddings(args.distractors) if args.distractors else None
     except (OSError, ValueError) as err:
-        return _fail("search", err)
+        raise _fail(err) from err
     options = {"kind": args.index, "gpu": args.gpu}
     for name in ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
         if getattr(args, name) is not None:
@@ -142,7 +143,7 @@ def _search(args: argparse.Namespace) -> int:
             open_set_rank=args.open_set_rank, per_probe=not args.summary_only, **options,
         )
     except ValueError as err:
-        return _fail("search", err)
+        raise _fail(err) from err
     report = {"gallery": args.gallery, "probes": args.probes, "distractors": args.distractors, **report}
     if args.output:
         from distrib_face.atomic import write_json
@@ -201,7 +202,7 @@ def _bench(args: argparse.Namespace) -> int:
             options["nlist"] = args.nlist
         rows = run_search_bench(data, kinds, nprobes=nprobes, ef_searches=ef_searches, **options)
     except ValueError as err:
-        return _fail("bench search", err)
+        raise _fail(err) from err
     print(f"{args.distractors:,} distractors + {args.gallery:,} enrolled x {args.dim}-d (decay {args.decay}, "
           f"mate cos {args.mate_cos}); {args.mated:,} mated + {args.non_mated:,} non-mated probes, top-10")
     print(format_rows(rows))

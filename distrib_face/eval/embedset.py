@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,6 +119,9 @@ def load_embeddings(path: str | os.PathLike) -> EmbeddingSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such embedding file")
+    if not zipfile.is_zipfile(path):
+        # np.load would read any other file as a pickle and refuse it with advice to allow pickles: wrong here.
+        raise ValueError(f"{path}: not an embedding file (an .npz written by distrib-face embed)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in REQUIRED if k not in z.files]

@@ -57,9 +57,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if metrics:
-                extra = {"data": note} if note else {}
-                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                     img_s=f"{metrics['images_per_sec']:.0f}", refresh=False, **extra)
+                # "img/s", the unit the log lines and docs/tracking.md use (not a keyword name like img_s).
+                postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                           "img/s": f"{metrics['images_per_sec']:.0f}"}
+                if note:
+                    postfix["data"] = note
+                self.bar.set_postfix(postfix, refresh=False)
         elif metrics:
             logger.info(
                 "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s%s",

@@ -52,7 +52,8 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
     (out,) = run_world(_worker, 1, tmp_path, (str(shards), str(tmp_path), str(db)))
     first, tuned = out["first"], out["tuned"]
     assert first["steps"] == 6 and first["finished"]
-    assert set(first["verification_before"]) == {"synthetic_holdout", "synthetic_seen"} == set(first["verification_after"])
+    assert (set(first["verification_before"]) == {"synthetic_holdout", "synthetic_seen"}
+            == set(first["verification_after"]))
     assert 0.0 <= first["verification_after"]["synthetic_holdout"] <= 1.0
     # Fine-tuning starts from the first run's final backbone: its "before" is the first run's "after".
     assert tuned["verification_before"] == first["verification_after"]
@@ -65,6 +66,8 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["model.backbone"] == "iresnet_tiny"
     assert {"loss", "lr", "images_per_sec", "grad_norm", "verify/synthetic_holdout/accuracy"} <= set(run.data.metrics)
+    # One name per quantity (docs/tracking.md): the old throughput / final-loss names are not logged.
+    assert not {"img_s", "images_per_sec_run", "final_loss"} & set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "verify/synthetic_holdout/accuracy")
     assert sorted(m.step for m in history) == [0, 3, 6]
     assert history[-1].value == pytest.approx(first["verification_after"]["synthetic_holdout"])
@@ -83,5 +86,54 @@ def test_verification_tracking_and_fine_tuning(tmp_path):
     assert run.info.run_name.startswith("iresnet_tiny-cosface-synthetic-")  # says what ran (data: the manifest)
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.digest and "12" in dataset.dataset.profile
-    if first["onnx"] is not None:
-        assert Path(first["onnx"]).is_file()
+    # train.export_onnx defaults to true: a finished run has its ONNX model (the fine-tuning turned it off).
+    assert first["onnx"] is not None and Path(first["onnx"]).is_file() and tuned["onnx"] is None
+
+
+def _stopped_then_resumed_worker(rank: int, world_size: int, out: str, db: str) -> dict:
+    """A job stopped by ``train.max_steps_this_run``, then a job that resumes it to the end; the MLflow run's
+    status as the store holds it after each (read through a client of its own, not the tracker)."""
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from mlflow.tracking import MlflowClient
+
+    from distrib_face.config import Config
+    from distrib_face.parallel import init_distributed
+    from distrib_face.train import run_training
+
+    cfg = Config.from_dict({
+        "data": {"source": "random", "random_num_classes": 8, "random_num_samples": 64, "batch_size": 4,
+                 "image_size": 32},
+        "model": {"backbone": "iresnet_tiny", "embedding_size": 16},
+        "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+        "train": {"total_steps": 4, "checkpoint_every": 2, "output_dir": f"{out}/run", "log_every": 1,
+                  "eval_at_start": False, "export_onnx": False, "resume": "auto"},
+        "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{db}", "experiment": "stop_and_resume",
+                     "artifact_location": f"{out}/artifacts"},
+    })
+    ctx = init_distributed(device="cpu")
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    first = run_training(cfg.replace(["train.max_steps_this_run=2"]), ctx)
+    stopped = client.get_run(first["mlflow_run_id"])
+    second = run_training(cfg, ctx)
+    done = client.get_run(second["mlflow_run_id"])
+    return {"first": first, "second": second, "stopped_status": stopped.info.status,
+            "stopped_tags": dict(stopped.data.tags), "done_status": done.info.status}
+
+
+def test_a_job_stopped_by_max_steps_this_run_leaves_the_run_scheduled_until_resumed(tmp_path):
+    (out,) = run_world(_stopped_then_resumed_worker, 1, tmp_path, (str(tmp_path), str(tmp_path / "mlruns.db")))
+    first, second = out["first"], out["second"]
+    assert first["steps"] == 2 and not first["finished"]  # the job ended at max_steps_this_run, not the end
+    assert out["stopped_status"] == "SCHEDULED" and out["stopped_tags"]["stopped_at_step"] == "2"
+    assert second["steps"] == 4 and second["steps_this_run"] == 2 and second["finished"]
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the resumed job continued the same run
+    assert out["done_status"] == "FINISHED"
+    # The Ray driver ends its run from rank 0's summary the same way (ray_backend.job_status).
+    from ray.train import Result
+
+    from distrib_face.train.ray_backend import job_status
+
+    for summary, status in ((first, "stopped_status"), (second, "done_status")):
+        result = Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path), return_value=summary)
+        assert job_status(result) == out[status]

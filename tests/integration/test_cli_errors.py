@@ -17,15 +17,18 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-# "distrib-face: error: ..." or, for the training command (as argparse names a subcommand), "distrib-face train: error: ..."
+# "distrib-face: error: ..." or, for the training command (as argparse names a subcommand),
+# "distrib-face train: error: ..."
 PREFIX = re.compile(r"^distrib-face( train)?: error: ")
 
 
 def _workspace(root: Path) -> dict[str, Path]:
-    """Files of every kind a user could mix up: shards + manifest, a pair set, a backbone, a run's folders."""
+    """Files of every kind a user could mix up: shards + manifest, a pair set, a backbone, a run's folders, an
+    embedding file."""
     from distrib_face.data.pairset import save_pairset
     from distrib_face.data.synthetic import holdout_pairset
     from distrib_face.data.testing import write_indexed_shards
+    from distrib_face.eval.embedset import EmbeddingSet, save_embeddings
     from distrib_face.models import create_backbone, save_backbone
 
     shards = root / "shards"
@@ -37,6 +40,10 @@ def _workspace(root: Path) -> dict[str, Path]:
                   "iresnet_tiny", {"embedding_size": 8, "input_size": 32})
     (root / "run" / "checkpoints" / "latest").write_text("step_000000004\n")
     (root / "empty").mkdir()
+    vectors = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)  # [N, D]
+    embeddings = save_embeddings(root / "emb.npz", EmbeddingSet(
+        embeddings=vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels=np.arange(4),
+        names=[f"img{i}" for i in range(4)]))
     config = root / "train.yaml"
     config.write_text(
         f"data: {{shards: {root / 'not_made_yet'}, image_size: 32}}\n"
@@ -45,7 +52,8 @@ def _workspace(root: Path) -> dict[str, Path]:
         "tracking: {enabled: false}\n"
     )
     return {"root": root, "shards": shards, "manifest": shards / "manifest.json", "pairs": pairs,
-            "step": step, "checkpoints": root / "run" / "checkpoints", "config": config, "empty": root / "empty"}
+            "step": step, "checkpoints": root / "run" / "checkpoints", "config": config, "empty": root / "empty",
+            "embeddings": embeddings}
 
 
 # (id, argv with {placeholders}, a text the one line must contain)
@@ -69,6 +77,22 @@ CASES = [
     ("clean-subcenters-missing", ["clean-subcenters", "--weights", "{root}/w.npy", "--embeddings", "{root}/e.npz",
                                   "--output", "{root}/o"], "w.npy"),
     ("bench-unknown-backbone", ["bench", "backbones", "nope_net"], "nope_net"),
+    ("embed-model-missing", ["embed", "{shards}", "--model", "{root}/nope.onnx", "--output", "{root}/e.npz"],
+     "nope.onnx"),
+    ("embed-model-is-a-manifest", ["embed", "{shards}", "--model", "{manifest}", "--output", "{root}/e.npz"],
+     "manifest.json"),
+    ("embed-source-missing", ["embed", "{root}/nowhere", "--model", "{step}/backbone.pt", "--output", "{root}/e.npz"],
+     "nowhere"),
+    ("search-gallery-missing", ["search", "--gallery", "{root}/nope.npz", "--probes", "{pairs}"], "nope.npz"),
+    ("search-gallery-is-a-pair-set", ["search", "--gallery", "{pairs}", "--probes", "{pairs}"], "pairs.npz"),
+    ("search-probes-is-a-manifest", ["search", "--gallery", "{embeddings}", "--probes", "{manifest}"],
+     "manifest.json"),
+    ("search-distractors-is-a-manifest", ["search", "--gallery", "{embeddings}", "--probes", "{embeddings}",
+                                          "--distractors", "{manifest}"], "manifest.json"),
+    ("data-verify-missing", ["data", "verify", "{root}/nope"], "nope"),
+    ("data-verify-on-a-pair-set", ["data", "verify", "{pairs}"], "pairs.npz"),
+    ("synth-onto-a-file", ["synth", "{pairs}"], "pairs.npz"),
+    ("synth-under-a-file", ["synth", "{pairs}/sub"], "pairs.npz"),
 ]
 
 

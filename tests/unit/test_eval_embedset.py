@@ -188,8 +188,12 @@ def test_embedding_file_round_trip_without_pickle(tmp_path):
     with pytest.raises(ValueError, match="other.npz: not an embedding file.*'embeddings'"):
         load_embeddings(tmp_path / "other.npz")
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(ValueError, match="text.npz: cannot read embedding file"):
+    with pytest.raises(ValueError, match="text.npz: not an embedding file"):
         load_embeddings(tmp_path / "text.npz")
+    (tmp_path / "manifest.json").write_text('{"format": "distrib_face.shards/2"}')
+    with pytest.raises(ValueError, match="manifest.json: not an embedding file") as refused:
+        load_embeddings(tmp_path / "manifest.json")
+    assert "pickle" not in str(refused.value)  # not np.load's advice to allow pickles
 
 
 def test_source_errors_name_the_path(tmp_path):
@@ -224,7 +228,9 @@ def test_embed_cli_with_onnx_model(tmp_path, capsys):
     np.testing.assert_allclose(emb.embeddings, _reference(net, [good[n] for n in emb.names]), atol=1e-5)
     assert emb.meta["source_kind"] == "folder" and emb.meta["model"] == str(tmp_path / "m.onnx")
     assert main(["embed", str(tmp_path / "nowhere"), "--model", str(tmp_path / "m.onnx"), "--output", str(out)]) == 2
-    assert "distrib-face embed:" in capsys.readouterr().err
+    # the one error line every subcommand prints (cli/errors.py: report), naming the path
+    assert [line for line in capsys.readouterr().err.splitlines() if "error" in line] == [
+        f"distrib-face: error: {tmp_path / 'nowhere'}: no such file or folder"]
 
 
 def test_readers_never_fork_and_a_stuck_read_fails_within_the_timeout(tmp_path):

@@ -264,3 +264,26 @@ def test_unmeasurable_far_note_is_logged_once_per_process(caplog):
     notes = [r for r in caplog.records if "not measurable" in r.getMessage() and r.levelno == logging.INFO]
     assert len(notes) == 1 and name in notes[0].getMessage()
     assert all(any("not measurable" in n for n in r.notes) for r in results)  # every result keeps its note
+
+
+def test_the_unmeasurable_far_note_is_logged_once_per_process(caplog, monkeypatch):
+    import logging
+
+    import distrib_face.eval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_logged_notes", set())  # what earlier tests in this process logged
+    rng = np.random.default_rng(3)
+    emb1, emb2 = rng.normal(size=(40, 8)), rng.normal(size=(40, 8))
+    issame = np.arange(40) % 2 == 0
+    num_impostor = int(np.count_nonzero(~issame))  # 20: FAR 1e-3 needs 1000 impostor pairs, 1e-1 only 10
+    with caplog.at_level(logging.DEBUG, logger="distrib_face.eval.metrics"):
+        first = verification_metrics(emb1, emb2, issame, far_targets=(1e-1, 1e-3), name="tiny")
+        second = verification_metrics(emb1, emb2, issame, far_targets=(1e-1, 1e-3), name="tiny")
+    notes = [r for r in caplog.records if "not measurable" in r.getMessage()]
+    assert [r.levelno for r in notes] == [logging.INFO, logging.DEBUG]  # one INFO line, the repeat at DEBUG
+    assert notes[0].getMessage().startswith("tiny: TAR@FAR=1e-03 not measurable")
+    assert f"{num_impostor} impostor pairs" in notes[0].getMessage()
+    # The results keep their note each time, and the measurable FAR is measured.
+    assert first.notes == second.notes and len(first.notes) == 1
+    assert first.tar_at_far[1e-3] is None and second.tar_at_far[1e-3] is None
+    assert first.tar_at_far[1e-1] is not None

@@ -138,6 +138,30 @@ def test_ivf_with_every_cell_probed_is_exact_and_hnsw_is_close():
     assert default_nlist(1_000_000) == 4000 and default_nlist(100) == 2
 
 
+def test_auto_picks_ivf_above_the_exact_limit_and_still_agrees_with_exact_search(monkeypatch):
+    import distrib_face.eval.search as search
+
+    gallery, gkeys, distractors, probes, pkeys = _problem(seed=2, num_distractors=3000)
+    store = make_gallery(gallery, gkeys, distractors)
+    entries = len(store.embeddings)
+    monkeypatch.setattr(search, "AUTO_EXACT_LIMIT", entries + 1)  # one entry below the limit: exact
+    assert build_index(store.embeddings, "auto").kind == "flat"
+    monkeypatch.setattr(search, "AUTO_EXACT_LIMIT", entries)  # at the limit (a 1M-entry gallery, scaled down)
+    approx, index, _ = identify(store, probes, pkeys, top_k=5, kind="auto")
+    assert index.kind == "ivf" and index.params["nlist"] == default_nlist(entries)
+    assert index.params["nprobe"] < index.params["nlist"]  # approximate: not every cell is searched
+    exact, _, _ = identify(store, probes, pkeys, top_k=5, kind="flat")
+    assert recall_at(approx.top_identities, exact.top_identities, 1) >= 0.95
+    assert recall_at(approx.top_identities, exact.top_identities, 5) >= 0.9
+    _, _, cmc, _ = _brute_force(gallery, gkeys, distractors, probes, pkeys, 5, FPIRS)  # float64, every entry
+    np.testing.assert_allclose(approx.cmc, cmc, atol=0.05)
+    # Options reach the IVF index auto built: 16 of the cells (78 here) searched still find nearly every best match.
+    coarse, index, _ = identify(store, probes, pkeys, top_k=5, kind="auto", nprobe=16)
+    assert index.kind == "ivf" and index.params["nprobe"] == 16 < index.params["nlist"]
+    assert recall_at(coarse.top_identities, exact.top_identities, 1) >= 0.95
+    assert recall_at(coarse.top_identities, exact.top_identities, 5) >= 0.9
+
+
 def test_open_set_hand_case():
     """2-D unit vectors at known angles: every score is a cosine of an angle difference."""
     def at(*degrees):
