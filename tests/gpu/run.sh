@@ -32,6 +32,8 @@ case "$part" in
     fi
     ;;
   dry-run)
+    # here the stack lives in the repo's .venv (the GPU image has it in its system python3)
+    [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
     $PY tests/gpu/check.py --out "$OUT_DIR" --dry-run --budget-s "${BUDGET_S:-1200}"
     ;;
   *)
