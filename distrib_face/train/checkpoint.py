@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 
-from distrib_face.atomic import fsync_dir, fsync_tree, write_text
+from distrib_face.atomic import publish_dir, write_text
 from distrib_face.parallel import barrier
 from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 from distrib_face.train import engine_state
@@ -360,17 +360,10 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    fsync_tree(tmp)
-    if final.exists():  # an earlier attempt at the same step (a restarted job): replace it
-        shutil.rmtree(final)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-    fsync_dir(root)
+    # replace: an earlier attempt at the same step (a restarted job); may_race: the ranks of a node that does
+    # not see rank 0's file system all publish their shared copy
+    publish_dir(tmp, final, replace=True, may_race=True)
     write_text(root / LATEST, final.name + "\n")
-    fsync_dir(root)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -201,6 +201,64 @@ def test_family_checker_catches_every_spelling(tmp_path):
     ]
 
 
+#: Files that may rename, and why. Everything else publishes through distrib_face.atomic (atomic_open /
+#: atomic_path / atomic_dir, or publish_file / publish_dir for a temp file or folder it finished itself), so
+#: that every rename is preceded by an fsync and followed by one of the folder.
+RENAME_ALLOWED: dict[str, str] = {
+    "distrib_face/atomic.py": "the one place that renames a finished temp file or folder into place",
+}
+
+
+def rename_calls(path: Path) -> list[int]:
+    """Lines in ``path`` that rename a file: ``os.replace`` / ``os.rename`` / ``os.renames`` / ``shutil.move``
+    (also imported by name), ``Path.replace`` / ``Path.rename``, and ``<path>.replace(target)`` /
+    ``<path>.rename(target)``: a ``.replace`` / ``.rename`` method called with one positional argument and no
+    keywords (``str.replace`` takes two, ``dataclasses.replace`` is named, ``datetime.replace`` takes keywords).
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    banned = {("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
+    bare = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for alias in node.names if (node.module, alias.name) in banned}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in bare:
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Attribute) and func.attr in {"replace", "rename", "renames", "move"}:
+            owner = func.value.id if isinstance(func.value, ast.Name) else None
+            if (owner, func.attr) in banned or owner in {"Path", "PosixPath", "pathlib"}:
+                lines.append(node.lineno)
+            elif (owner != "dataclasses" and func.attr in {"replace", "rename"} and len(node.args) == 1
+                  and not node.keywords):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_renames_only_in_atomic():
+    root = PACKAGE.parent
+    offenders = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(root / "launch").glob("*.py")]):
+        name = str(path.relative_to(root))
+        if name not in RENAME_ALLOWED:
+            offenders += [f"{name}:{line}" for line in rename_calls(path)]
+    assert not offenders, ("a rename outside distrib_face/atomic.py (use publish_file / publish_dir or the atomic "
+                           f"context managers, or add the file to RENAME_ALLOWED with a reason): {offenders}")
+
+
+def test_rename_checker_catches_every_spelling(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text(
+        "import os, shutil, dataclasses\nfrom os import replace as swap\nfrom pathlib import Path\n"
+        "os.replace('a', 'b')\nos.rename('a', 'b')\nPath('a').rename('b')\ntmp.replace(final)\n"
+        "swap('a', 'b')\nPath.replace(Path('a'), 'b')\nshutil.move('a', 'b')\n"
+        "'a_b'.replace('_', '-')\ndataclasses.replace(cfg)\ndataclasses.replace(cfg, x=1)\n"
+        "when.replace(year=1)\nname.replace('@', '_')\n"
+    )
+    assert rename_calls(source) == [4, 5, 6, 7, 8, 9, 10]
+
+
 def test_no_function_over_120_lines():
     long = []
     for path in sorted(PACKAGE.rglob("*.py")):
