@@ -61,7 +61,7 @@ from distrib_face.train.divergence import (
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
-    
+
     from distrib_face.parallel import ProcessContext, ShardedMarginClassifier
     from distrib_face.parallel.optim import ShardOptimizer
 
@@ -308,8 +308,9 @@ def check_finite_state(
                          shard_optimizer, _aux_state(auxiliary), ctx=ctx, step=step, saving=False)
 
 
-def _raise_if_non_finite(root: Path, engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
-                         aux_state: dict[str, Any] | None, *, ctx: Any, step: int, saving: bool = True) -> None:
+def _raise_if_non_finite(root: Path, engine_snapshot: engine_state.EngineState, classifier: ShardedMarginClassifier,
+                         shard_optimizer: ShardOptimizer | None, aux_state: dict[str, Any] | None, *,
+                         ctx: ProcessContext, step: int, saving: bool = True) -> None:
     findings = find_non_finite(_named_state(engine_snapshot, classifier, shard_optimizer, aux_state), ctx)
     if findings:
         raise non_finite_state_error(findings, step=step, refused=root / step_dirname(step) if saving else None,
@@ -323,7 +324,8 @@ def _aux_state(auxiliary: tuple[Any, Any]) -> dict[str, Any] | None:
     return {"module": module.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
 
 
-def _named_state(engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
+def _named_state(engine_snapshot: engine_state.EngineState, classifier: ShardedMarginClassifier,
+                 shard_optimizer: ShardOptimizer | None,
                  aux_state: dict[str, Any] | None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor a checkpoint of this rank holds, named for the divergence message."""
     yield from engine_snapshot.named_tensors()
