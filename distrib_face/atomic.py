@@ -12,6 +12,11 @@ reports a short write as ``RuntimeError: [enforce fail at inline_container.cc] u
 diagnosed from the disk itself (:func:`explain_write_failure`: no free blocks, or a file at the file-size
 limit of ``ulimit -f``).
 
+Writers that cannot use a context manager (a shard file kept open across many calls, a folder every rank of
+a job writes into) finish their temp file or folder themselves and hand it to :func:`publish_file` /
+:func:`publish_dir`: these are the only places that rename (``tests/unit/test_layout.py`` checks that nothing
+else in distrib_face calls ``os.replace`` / ``os.rename`` / ``Path.replace`` / ``Path.rename``).
+
 This module is a leaf: it imports nothing of distrib_face, so every layer may use it.
 """
 
@@ -35,6 +40,8 @@ __all__ = [
     "explain_write_failure",
     "fsync_dir",
     "fsync_tree",
+    "publish_dir",
+    "publish_file",
     "write_bytes",
     "write_json",
     "write_text",
@@ -96,12 +103,16 @@ def _disk_diagnosis(path: Path, written: Path) -> tuple[int, str, Path] | None:
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit == resource.RLIM_INFINITY:
         return None
-    files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()] if written.is_dir() else []
+    if written.is_file():
+        files = [written]
+    else:
+        files = [p for p in written.rglob("*") if p.is_file()] if written.is_dir() else []
     for file in files:
         try:
             if file.stat().st_size >= limit:
                 where = path if file == written else file
-                return errno.EFBIG, f"file too large for {where} (the file-size limit, ulimit -f, is {limit} bytes)", where
+                message = f"file too large for {where} (the file-size limit, ulimit -f, is {limit} bytes)"
+                return errno.EFBIG, message, where
         except OSError:
             continue
     return None
@@ -128,6 +139,59 @@ def fsync_tree(root: str | os.PathLike) -> None:
             with open(os.path.join(dirpath, name), "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(dirpath)
+
+
+def publish_file(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put the finished, closed file ``tmp`` in place as ``final``: fsync it, rename it, fsync the folder.
+
+    ``tmp`` must be beside ``final`` (same file system, so that the rename is atomic); an existing ``final``
+    is replaced. Disk and permission errors name ``final`` (:class:`OutputError`). Returns ``final``.
+    """
+    final = Path(final)
+    try:
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as err:
+        raise explain_os_error(err, final) from err
+    return final
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, *, replace: bool = False,
+                may_race: bool = False) -> Path:
+    """Put the finished folder ``tmp`` in place as ``final``: fsync every file and folder in it, remove an old
+    ``final`` (``replace``), rename, fsync the parent folder.
+
+    Args:
+        tmp: the complete temp folder, beside ``final`` (same file system).
+        final: the folder's final name.
+        replace: an existing ``final`` is removed first (else :class:`FileExistsError`).
+        may_race: other processes may publish their own copy as ``final`` at the same time (the ranks of one
+            node publishing a checkpoint rank 0 cannot see): a rename that fails while ``final`` exists means
+            one of them won, and is not an error.
+
+    Returns:
+        ``final``. Disk and permission errors name it (:class:`OutputError`).
+    """
+    tmp, final = Path(tmp), Path(final)
+    try:
+        fsync_tree(tmp)
+        if may_race and final.exists() and not tmp.exists():  # another process published it while we synced
+            return final
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final} already exists")
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (may_race and final.exists()):
+                raise
+        fsync_dir(final.parent)
+    except OSError as err:
+        raise explain_os_error(err, final) from err
+    return final
 
 
 def _umask() -> int:
@@ -166,13 +230,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
         # mkstemp creates 0600; the result gets the mode a plain open() would give it (or keeps the mode of
         # the file it replaces), so that an exported model or a plot logged to MLflow stays readable by others
         os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        publish_file(tmp, path)
     except Exception as err:
         explained = explain_write_failure(err, path, tmp)
         if explained is err:
@@ -231,14 +292,8 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         raise explain_os_error(err, path) from err
     try:
         yield tmp
-        fsync_tree(tmp)
-        if path.exists():
-            if not replace:
-                raise FileExistsError(f"{path} already exists")
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as err:
+        publish_dir(tmp, path, replace=replace)
+    except OSError as err:  # the writer's own errors too: a full disk names the folder
         raise explain_os_error(err, path) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

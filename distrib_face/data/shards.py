@@ -12,6 +12,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from distrib_face.atomic import publish_file
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB blocks."""
@@ -56,7 +58,8 @@ def encode_sample(key: str, image: bytes, label: int, ext: str = "jpg") -> bytes
 class ShardWriter:
     """Writes samples into numbered tar shards, starting a new shard at ``max_count`` samples or ``max_bytes``.
 
-    Shards are written to a ``.tmp`` name and renamed when closed, so a shard with its final name is complete.
+    Shards are written to a ``.tar.tmp`` name, fsynced and renamed when closed
+    (:func:`distrib_face.atomic.publish_file`), so a shard with its final name is complete.
     The bytes are those of ``tarfile`` in USTAR format (mode 0444, mtime 0, end-of-archive blocks, padded to
     its 10240-byte records); the SHA-256 is taken as they are written.
 
@@ -91,8 +94,12 @@ class ShardWriter:
         """Final path of shard number ``index``."""
         return self.out_dir / f"{self.prefix}-{index:06d}.tar"
 
+    def _tmp_path(self, index: int) -> Path:
+        # the name `pack` looks for when it resumes (data/pack.py): a shard without its final name is unfinished
+        return self.shard_path(index).with_suffix(".tar.tmp")
+
     def _open(self) -> None:
-        self._file = open(self.shard_path(self.index).with_suffix(".tar.tmp"), "wb")
+        self._file = open(self._tmp_path(self.index), "wb")
         self._digest = hashlib.sha256()
         self._offset = self._count = self._bytes = 0
         self._labels = []
@@ -129,8 +136,7 @@ class ShardWriter:
         self._append(tarfile.NUL * (-self._offset % tarfile.RECORDSIZE))
         self._file.close()
         self._file = None
-        final = self.shard_path(self.index)
-        os.replace(final.with_suffix(".tar.tmp"), final)
+        final = publish_file(self._tmp_path(self.index), self.shard_path(self.index))
         shard = FinishedShard(final, self._count, self._offset, self._digest.hexdigest(), self._labels)
         self.finished.append(shard)
         self.index += 1

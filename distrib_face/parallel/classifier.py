@@ -665,8 +665,8 @@ class ShardedMarginClassifier(nn.Module):
             lse = torch.logaddexp(target_logits, negative_lse)
         elif fast:  # the fused Triton kernels (kernels.linear_margin_logsumexp dispatches)
             lse = linear_margin_logsumexp(
-                kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunk_size,
-                self.compute_dtype, self.group, grad_filter=self.grad_filter,
+                kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunks,
+                grad_filter=self.grad_filter,
             )
         else:
             lse = _ShardedNegativeLogSumExp.apply(

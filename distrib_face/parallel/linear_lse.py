@@ -248,17 +248,16 @@ class LinearMarginLogSumExp:
 
     The contract the fused Triton kernels implement (``kernels.TritonLinearMarginLogSumExp``), kept as the
     torch reference for them: raw embeddings ``[B, D]``, the rows ``[R, D]``, the target logits ``[B]``
-    (summed over ranks, with gradient), each row's local target column (``-1`` elsewhere), the scale, the
-    chunk size, the matmul dtype, the group and optionally ``valid``. Built from
+    (summed over ranks, with gradient), each row's local target column (``-1`` elsewhere), the scale, a
+    :class:`ChunkSpec` (the chunk size, the matmul dtype, the group) and optionally ``valid``. Built from
     :class:`LinearNegativeLogSumExp` and ``logaddexp``, so both paths share one implementation.
     """
 
     @staticmethod
     def apply(embeddings: Tensor, weight: Tensor, target_logits: Tensor, target_col: Tensor, scale: float,
-              chunk_size: int, compute_dtype: torch.dtype | None, group: Any, valid: Tensor | None = None) -> Tensor:
+              chunks: ChunkSpec, valid: Tensor | None = None) -> Tensor:
         negative_lse, _ = LinearNegativeLogSumExp.apply(
-            embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale,
-            ChunkSpec(chunk_size, compute_dtype, group), None, valid,
+            embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale, chunks, None, valid,
         )
         return torch.logaddexp(target_logits, negative_lse)
 

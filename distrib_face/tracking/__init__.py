@@ -23,7 +23,6 @@ from distrib_face.tracking.params import flatten_params
 from distrib_face.tracking.plots import (
     class_size_histogram,
     plot_class_histogram,
-    plot_loss_curve,
     plot_training_curves,
 )
 
@@ -39,7 +38,6 @@ __all__ = [
     "install_log_redaction",
     "is_secret_key",
     "plot_class_histogram",
-    "plot_loss_curve",
     "plot_training_curves",
     "redact",
     "redact_text",

@@ -17,45 +17,10 @@ import numpy as np
 
 from distrib_face.data.stats import class_size_histogram, plot_class_sizes
 
-__all__ = ["class_size_histogram", "plot_class_histogram", "plot_class_sizes", "plot_loss_curve",
-           "plot_training_curves", "training_curves_figure"]
+__all__ = ["class_size_histogram", "plot_class_histogram", "plot_class_sizes", "plot_training_curves",
+           "training_curves_figure"]
 
 PathLike = str | os.PathLike[str]
-
-
-def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: PathLike) -> Path:
-    """Plot each metric's history against the step, one panel per metric, sharing the step axis.
-
-    Args:
-        history: ``{"loss": [(step, value), ...], "lr": [...]}`` (``distrib_face.parallel.metrics.MetricAggregator.history``).
-        path: the PNG to write (folders are created).
-
-    Returns:
-        ``path`` as a ``Path``.
-
-    Raises:
-        ValueError: when ``history`` holds no points at all.
-    """
-    from distrib_face.figures import new_figure, readable_log_axis, save_png
-
-    series = {key: points for key, points in history.items() if len(points) > 0}
-    if not series:
-        raise ValueError(f"nothing to plot for {path}: the history {list(history)} has no points")
-    figure = new_figure(7, 2.4 * len(series) + 0.6)
-    axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (key, points) in zip(axes, sorted(series.items(), key=lambda item: (item[0] != "loss", item[0]))):
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) < 50 else None, linewidth=1.2)
-        ax.set_ylabel(key)
-        ax.grid(True, alpha=0.3)
-        positive = np.asarray(values, dtype=np.float64)
-        if key == "lr" and np.all(positive[np.isfinite(positive)] > 0) and positive.max() / positive.min() > 100:
-            ax.set_yscale("log")
-            readable_log_axis(ax.yaxis)
-    axes[-1].set_xlabel("step")
-    axes[0].set_title("training curves")
-    figure.tight_layout()
-    return save_png(figure, path)
 
 
 def plot_class_histogram(class_counts: Iterable[int] | Mapping[object, int], path: PathLike, title: str = "") -> Path:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 
-from distrib_face.atomic import fsync_dir, fsync_tree, write_text
+from distrib_face.atomic import publish_dir, write_text
 from distrib_face.parallel import barrier
 from distrib_face.safe_load import UnsafeFileError, safe_torch_load
 from distrib_face.train import engine_state
@@ -61,7 +61,7 @@ from distrib_face.train.divergence import (
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
-    
+
     from distrib_face.parallel import ProcessContext, ShardedMarginClassifier
     from distrib_face.parallel.optim import ShardOptimizer
 
@@ -308,8 +308,9 @@ def check_finite_state(
                          shard_optimizer, _aux_state(auxiliary), ctx=ctx, step=step, saving=False)
 
 
-def _raise_if_non_finite(root: Path, engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
-                         aux_state: dict[str, Any] | None, *, ctx: Any, step: int, saving: bool = True) -> None:
+def _raise_if_non_finite(root: Path, engine_snapshot: engine_state.EngineState, classifier: ShardedMarginClassifier,
+                         shard_optimizer: ShardOptimizer | None, aux_state: dict[str, Any] | None, *,
+                         ctx: ProcessContext, step: int, saving: bool = True) -> None:
     findings = find_non_finite(_named_state(engine_snapshot, classifier, shard_optimizer, aux_state), ctx)
     if findings:
         raise non_finite_state_error(findings, step=step, refused=root / step_dirname(step) if saving else None,
@@ -323,7 +324,8 @@ def _aux_state(auxiliary: tuple[Any, Any]) -> dict[str, Any] | None:
     return {"module": module.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
 
 
-def _named_state(engine_snapshot: Any, classifier: Any, shard_optimizer: Any,
+def _named_state(engine_snapshot: engine_state.EngineState, classifier: ShardedMarginClassifier,
+                 shard_optimizer: ShardOptimizer | None,
                  aux_state: dict[str, Any] | None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor a checkpoint of this rank holds, named for the divergence message."""
     yield from engine_snapshot.named_tensors()
@@ -360,17 +362,10 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    fsync_tree(tmp)
-    if final.exists():  # an earlier attempt at the same step (a restarted job): replace it
-        shutil.rmtree(final)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-    fsync_dir(root)
+    # replace: an earlier attempt at the same step (a restarted job); may_race: the ranks of a node that does
+    # not see rank 0's file system all publish their shared copy
+    publish_dir(tmp, final, replace=True, may_race=True)
     write_text(root / LATEST, final.name + "\n")
-    fsync_dir(root)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -187,7 +187,8 @@ def save(directory: str | os.PathLike, state: EngineState) -> list[Path]:
     return written
 
 
-def load(directory: str | os.PathLike, engine: DeepSpeedEngine, rank: int, world_size: int, *, load_optimizer: bool = True) -> bool:
+def load(directory: str | os.PathLike, engine: DeepSpeedEngine, rank: int, world_size: int, *,
+         load_optimizer: bool = True) -> bool:
     """Restore the module (always) and the optimiser (when it fits) into ``engine``, live or fresh.
 
     The optimiser state is restored when ``load_optimizer`` is set and the checkpoint was written by the same
@@ -258,7 +259,8 @@ def load(directory: str | os.PathLike, engine: DeepSpeedEngine, rank: int, world
     return optimizer_payload is not None
 
 
-def _load_optimizer(engine: Any, kind: str, state: dict[str, Any], world_size: int, rank: int, directory: Path) -> None:
+def _load_optimizer(engine: DeepSpeedEngine, kind: str, state: dict[str, Any], world_size: int, rank: int,
+                    directory: Path) -> None:
     optimizer = engine.optimizer
     try:
         if kind == KIND_TORCH:

@@ -57,12 +57,13 @@ def _reference(emb, weight, target_logits, target_col, grad_out, valid=None, ope
 def _fused(emb, weight, target_logits, target_col, grad_out, valid=None, options=None, compute_dtype=None,
            weight_dtype=torch.float32):
     from distrib_face.parallel.kernels.triton_lse import TritonLinearMarginLogSumExp
+    from distrib_face.parallel.linear_lse import ChunkSpec
 
     emb = emb.to(DEVICE, torch.float32).requires_grad_(True)
     weight = weight.to(DEVICE, weight_dtype).requires_grad_(True)
     target_logits = target_logits.to(DEVICE, torch.float32).requires_grad_(True)
     lse = TritonLinearMarginLogSumExp.apply(
-        emb, weight, target_logits, target_col.to(DEVICE), SCALE, 64, compute_dtype, None,
+        emb, weight, target_logits, target_col.to(DEVICE), SCALE, ChunkSpec(64, compute_dtype),
         None if valid is None else valid.to(DEVICE), options,
     )
     (lse * grad_out.to(DEVICE, torch.float32)).sum().backward()

@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from distrib_face.tracking import create_tracker, plot_loss_curve
+from distrib_face.tracking import create_tracker, plot_training_curves
 from distrib_face.tracking.mlflow_tracker import fluent_mlflow_state
 from distrib_face.tracking.params import REDACTED
 from tests.integration.test_mlflow_sqlite import export_tiny_onnx
@@ -57,7 +57,8 @@ def server(tmp_path_factory):
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{(root / 'server.log').read_text()}")
+                log = (root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{log}")
             try:
                 if requests.get(f"{url}/health", timeout=5).status_code == 200:
                     break
@@ -97,7 +98,7 @@ def test_run_logged_resumed_and_read_over_rest(server, tmp_path, caplog):
     for step in (1, 2):
         tracker.log_metrics({"loss": 10.0 / step, "img/s": 50.0 * step}, step=step)
     tracker.set_tags({"purpose": "server-test"})
-    curve = plot_loss_curve({"loss": [(1, 10.0), (2, 5.0)]}, tmp_path / "loss_curve.png")
+    curve = plot_training_curves([(1, 10.0), (2, 5.0)], tmp_path / "training.png")
     tracker.log_artifact(curve, subdir="plots")
     tracker.log_dict({"train_micro_batch_size_per_gpu": 8}, "deepspeed_config.json")
     run_id = tracker.run_id  # a Ray restart: the worker dies without ending the run
@@ -127,9 +128,9 @@ def test_run_logged_resumed_and_read_over_rest(server, tmp_path, caplog):
     assert [r["info"]["run_id"] for r in found["runs"]] == [run_id]  # one run, continued
 
     listed = _get(server, "artifacts/list", run_id=run_id, path="plots")
-    assert [f["path"] for f in listed["files"]] == ["plots/loss_curve.png"]
+    assert [f["path"] for f in listed["files"]] == ["plots/training.png"]
     relative = info["artifact_uri"].removeprefix("mlflow-artifacts:/").strip("/")
-    png = requests.get(f"{url}/api/2.0/mlflow-artifacts/artifacts/{relative}/plots/loss_curve.png", timeout=30)
+    png = requests.get(f"{url}/api/2.0/mlflow-artifacts/artifacts/{relative}/plots/training.png", timeout=30)
     assert png.status_code == 200 and png.content == curve.read_bytes()
     config = requests.get(f"{url}/api/2.0/mlflow-artifacts/artifacts/{relative}/deepspeed_config.json", timeout=30)
     assert config.json() == {"train_micro_batch_size_per_gpu": 8}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrib_face.tracking import create_tracker, plot_loss_curve
+from distrib_face.tracking import create_tracker, plot_training_curves
 from distrib_face.tracking.mlflow_tracker import MLflowTracker, TrackingError, fluent_mlflow_state
 from distrib_face.tracking.params import REDACTED
 
@@ -71,9 +71,11 @@ def test_params_metrics_tags(store, tmp_path):
     assert all(params[f"many.field_{i:03d}"] == str(i) for i in range(250))
     assert len(params) == 2 + 2 + 1 + 250
 
-    loss = _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? AND key = 'loss' ORDER BY step", tracker.run_id)
+    loss = _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? AND key = 'loss' ORDER BY step",
+                  tracker.run_id)
     assert loss == [(1, 4.0), (2, 2.0), (3, pytest.approx(4.0 / 3))]
-    assert _query(store, "SELECT value FROM metrics WHERE run_uuid = ? AND key = 'img/s' AND step = 3", tracker.run_id) == [(103.0,)]
+    assert _query(store, "SELECT value FROM metrics WHERE run_uuid = ? AND key = 'img/s' AND step = 3",
+                  tracker.run_id) == [(103.0,)]
 
     tags = dict(_query(store, "SELECT key, value FROM tags WHERE run_uuid = ?", tracker.run_id))
     assert tags["purpose"] == "test" and tags["world_size"] == "2" and tags["mlflow.runName"] == "p"
@@ -96,8 +98,10 @@ def test_resume_continues_the_same_run(store, caplog):
     again.end()
 
     assert _query(store, "SELECT status FROM runs WHERE run_uuid = ?", run_id) == [("FINISHED",)]
-    assert _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? ORDER BY step", run_id) == [(10, 3.0), (20, 2.0)]
-    assert dict(_query(store, "SELECT key, value FROM params WHERE run_uuid = ?", run_id)) == {"optim.lr": "0.1", "world_size": "2"}
+    assert _query(store, "SELECT step, value FROM metrics WHERE run_uuid = ? ORDER BY step", run_id) == [
+        (10, 3.0), (20, 2.0)]
+    assert dict(_query(store, "SELECT key, value FROM params WHERE run_uuid = ?", run_id)) == {
+        "optim.lr": "0.1", "world_size": "2"}
     tags = dict(_query(store, "SELECT key, value FROM tags WHERE run_uuid = ?", run_id))
     assert tags["param_changed.world_size"] == "2 -> 4" and "resumed_at" in tags
     experiment_runs = _query(
@@ -143,8 +147,8 @@ def test_artifacts_dict_figure_and_plots(store, tmp_path):
     tracker = create_tracker(True, store["uri"], "artifacts", artifact_location=str(tmp_path / "art"))
     assert isinstance(tracker, MLflowTracker)
     tracker.log_dict({"zero_optimization": {"stage": 1}, "auth": {"password": "x"}}, "deepspeed_config.json")
-    roc = plot_loss_curve({"loss": [(1, 2.0), (2, 1.0)]}, tmp_path / "roc_holdout.png")
-    tracker.log_artifacts([roc], subdir="plots")
+    curves = plot_training_curves([(1, 2.0), (2, 1.0)], tmp_path / "training.png")
+    tracker.log_artifacts([curves], subdir="plots")
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "a.txt").write_text("a")
@@ -164,7 +168,7 @@ def test_artifacts_dict_figure_and_plots(store, tmp_path):
     assert json.loads((artifacts / "deepspeed_config.json").read_text()) == {
         "zero_optimization": {"stage": 1}, "auth": {"password": REDACTED},
     }
-    assert (artifacts / "plots" / "roc_holdout.png").read_bytes() == roc.read_bytes()
+    assert (artifacts / "plots" / "training.png").read_bytes() == curves.read_bytes()
     assert (artifacts / "plots" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (artifacts / "extra" / "ckpt" / "a.txt").read_text() == "a"
 
@@ -210,7 +214,8 @@ def test_onnx_model_logged_loadable_and_registered(store, tmp_path):
         loaded = mlflow.pyfunc.load_model(uri)
         onnx_model = mlflow.onnx.load_model("models:/tiny-face/1")
     signature = loaded.metadata.signature
-    assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [("input", np.dtype("float32"), (-1, 3, 112, 112))]
+    assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [
+        ("input", np.dtype("float32"), (-1, 3, 112, 112))]
     assert [(s.name, s.shape) for s in signature.outputs.inputs] == [("embedding", (-1, 512))]
     predicted = loaded.predict(images.numpy())
     np.testing.assert_allclose(predicted["embedding"], expected, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from distrib_face.atomic import OutputError, atomic_dir, atomic_open, atomic_path, write_json, write_text
+from distrib_face.atomic import (
+    OutputError,
+    atomic_dir,
+    atomic_open,
+    atomic_path,
+    publish_dir,
+    publish_file,
+    write_json,
+    write_text,
+)
 
 
 def test_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -97,3 +106,36 @@ def test_new_files_get_the_mode_open_gives_and_replaced_files_keep_theirs(tmp_pa
     os.chmod(written, 0o640)
     write_text(written, "y")
     assert stat.S_IMODE(written.stat().st_mode) == 0o640 and written.read_text() == "y"
+
+
+def test_publish_file_puts_a_finished_temp_file_in_place(tmp_path: Path) -> None:
+    final = tmp_path / "shard.tar"
+    final.write_bytes(b"old")
+    tmp = tmp_path / "shard.tar.tmp"
+    tmp.write_bytes(b"new")
+    assert publish_file(tmp, final) == final
+    assert final.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.tar"]
+    with pytest.raises(FileNotFoundError):  # nothing to publish: the error, and the target is untouched
+        publish_file(tmp, final)
+    assert final.read_bytes() == b"new"
+
+
+def test_publish_dir_replaces_only_when_asked_and_tolerates_a_racing_publisher(tmp_path: Path) -> None:
+    final = tmp_path / "step_2"
+    tmp = tmp_path / "step_2.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "sub" / "f").write_text("1")
+    assert publish_dir(tmp, final) == final
+    assert (final / "sub" / "f").read_text() == "1" and not tmp.exists()
+    tmp.mkdir()
+    (tmp / "g").write_text("2")
+    with pytest.raises(FileExistsError, match="step_2 already exists"):
+        publish_dir(tmp, final)
+    assert (final / "sub" / "f").read_text() == "1"
+    publish_dir(tmp, final, replace=True)
+    assert sorted(p.name for p in final.iterdir()) == ["g"]
+    # another process already renamed the shared temp folder: with may_race that is success, else an error
+    assert publish_dir(tmp, final, replace=True, may_race=True) == final
+    assert sorted(p.name for p in final.iterdir()) == ["g"]
+    with pytest.raises(FileNotFoundError):
+        publish_dir(tmp_path / "never.tmp", tmp_path / "never")

@@ -10,7 +10,6 @@ from PIL import Image
 from distrib_face.tracking import (
     class_size_histogram,
     plot_class_histogram,
-    plot_loss_curve,
     plot_training_curves,
 )
 
@@ -44,19 +43,6 @@ def test_plot_class_histogram_writes_png(tmp_path):
     out = plot_class_histogram(np.random.default_rng(1).zipf(2.0, size=300), tmp_path / "plots" / "classes.png")
     assert out == tmp_path / "plots" / "classes.png"
     assert _png_size(out) == (1000, 400)  # histogram and rank-size side by side
-
-
-def test_plot_loss_curve_writes_png(tmp_path):
-    history = {
-        "loss": [(step, 10.0 * 0.9**step) for step in range(0, 200, 10)],
-        "lr": [(step, 0.1 * (1 - step / 200) + 1e-6) for step in range(0, 200, 10)],
-        "img_per_s": [],
-    }
-    out = plot_loss_curve(history, tmp_path / "loss.png")
-    width, height = _png_size(out)
-    assert width == 700 and height == 2 * 240 + 60  # one panel per non-empty series
-    with pytest.raises(ValueError, match="no points"):
-        plot_loss_curve({"loss": []}, tmp_path / "empty.png")
 
 
 def _visible_labels(figure, axis):

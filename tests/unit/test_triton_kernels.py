@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from distrib_face.parallel import ShardedMarginClassifier
-from distrib_face.parallel.linear_lse import LinearMarginLogSumExp
+from distrib_face.parallel.linear_lse import ChunkSpec, LinearMarginLogSumExp
 
 triton_lse = pytest.importorskip("distrib_face.parallel.kernels.triton_lse", reason="needs the triton package")
 Fused = triton_lse.TritonLinearMarginLogSumExp
@@ -66,7 +66,7 @@ def _reference(emb, weight, target_logits, target_col, grad_out, scale=SCALE, va
 
 def _run(fn, emb, weight, target_logits, target_col, grad_out, *extra, compute_dtype=None, scale=SCALE):
     emb, weight, target_logits = (t.detach().clone().requires_grad_(True) for t in (emb, weight, target_logits))
-    lse = fn.apply(emb, weight, target_logits, target_col, scale, 64, compute_dtype, None, *extra)
+    lse = fn.apply(emb, weight, target_logits, target_col, scale, ChunkSpec(64, compute_dtype), *extra)
     (lse * grad_out).sum().backward()
     return lse.detach(), emb.grad, weight.grad, target_logits.grad
 
@@ -106,7 +106,8 @@ def test_torch_path_validity_mask_equals_dropping_the_columns():
     for name, got, want in zip(NAMES, masked, ref):
         assert _rel(got, want) < 1e-10, name
     assert torch.count_nonzero(masked[2][~valid]) == 0
-    all_valid = _run(LinearMarginLogSumExp, emb, weight, target_logits, target_col, grad_out, torch.ones(C, dtype=torch.bool))
+    all_valid = _run(LinearMarginLogSumExp, emb, weight, target_logits, target_col, grad_out,
+                     torch.ones(C, dtype=torch.bool))
     plain = _run(LinearMarginLogSumExp, emb, weight, target_logits, target_col, grad_out)
     for got, want in zip(all_valid, plain):
         assert torch.equal(got, want)

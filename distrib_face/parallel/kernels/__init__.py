@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distrib_face.parallel.linear_lse import LinearMarginLogSumExp
+from distrib_face.parallel.linear_lse import ChunkSpec, LinearMarginLogSumExp
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ def linear_margin_logsumexp(
     target_logits: Tensor,
     target_col: Tensor,
     scale: float,
-    chunk_size: int,
-    compute_dtype: torch.dtype | None,
-    group: Any,
+    chunks: ChunkSpec,
     valid: Tensor | None = None,
     grad_filter: float | str | None = None,
 ) -> Tensor:
@@ -132,12 +130,10 @@ def linear_margin_logsumexp(
     ``valid`` (``[C_r]`` bool, ``None``: every column counts) and ``grad_filter`` (the fused backward's tile
     filter: a probability, ``"auto"`` or ``None``; the torch path is always exact and ignores it).
     """
-    if resolve_kernel(kernel, embeddings, weight, compute_dtype) == "torch":
-        return LinearMarginLogSumExp.apply(
-            embeddings, weight, target_logits, target_col, scale, chunk_size, compute_dtype, group, valid
-        )
+    if resolve_kernel(kernel, embeddings, weight, chunks.compute_dtype) == "torch":
+        return LinearMarginLogSumExp.apply(embeddings, weight, target_logits, target_col, scale, chunks, valid)
     kernels = _kernels()
-    options = kernels.KernelOptions(filter_eps=filter_threshold(grad_filter, compute_dtype))
+    options = kernels.KernelOptions(filter_eps=filter_threshold(grad_filter, chunks.compute_dtype))
     return kernels.TritonLinearMarginLogSumExp.apply(
-        embeddings, weight, target_logits, target_col, scale, chunk_size, compute_dtype, group, valid, options
+        embeddings, weight, target_logits, target_col, scale, chunks, valid, options
     )

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from distrib_face.parallel.linear_lse import ChunkSpec
 from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 
 logger = logging.getLogger(__name__)
@@ -458,9 +459,10 @@ def check_supported(embeddings: Tensor, weight: Tensor, compute_dtype: torch.dty
 class TritonLinearMarginLogSumExp(torch.autograd.Function):
     """Drop-in for :class:`~distrib_face.parallel.linear_lse.LinearMarginLogSumExp` on fused kernels.
 
-    ``apply(embeddings, weight, target_logits, target_col, scale, chunk_size, compute_dtype, group,
-    valid=None, options=None)``: the same inputs and result (``chunk_size`` is accepted and unused: the
-    kernels work in tiles), plus :class:`KernelOptions`. One MAX and one SUM all-reduce of ``[B]``, as in
+    ``apply(embeddings, weight, target_logits, target_col, scale, chunks, valid=None, options=None)``: the
+    same inputs and result (of the :class:`~distrib_face.parallel.linear_lse.ChunkSpec` ``chunks`` the matmul
+    dtype and the group are used; its chunk size is not: the kernels work in tiles), plus
+    :class:`KernelOptions`. One MAX and one SUM all-reduce of ``[B]``, as in
     the torch path; no host synchronisation.
     """
 
@@ -472,12 +474,11 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
         target_logits: Tensor,
         target_col: Tensor,
         scale: float,
-        chunk_size: int,
-        compute_dtype: torch.dtype | None,
-        group: Any,
+        chunks: ChunkSpec,
         valid: Tensor | None = None,
         options: KernelOptions | None = None,
     ) -> Tensor:
+        compute_dtype = chunks.compute_dtype
         reason = check_supported(embeddings, weight, compute_dtype)
         if reason is not None:
             raise ValueError(f"the triton classifier kernels cannot take {reason}")
@@ -499,7 +500,7 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
             stats.merge(part_max, part_sum)
         else:  # nothing to launch; the collectives below still run on every rank
             inv_norm = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-        lse = stats.logsumexp(group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
+        lse = stats.logsumexp(chunks.group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
         saved.save_for_backward(x_unit, x_norm, x_mm, weight_c, inv_norm, target_logits, target_col, lse, valid_i8)
         saved.scale, saved.options = float(scale), options
         return lse
@@ -519,5 +520,5 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
             grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
         if saved.needs_input_grad[1]:
             grad_weight = fused_grad_weight(*args) if launch else torch.zeros_like(weight)
-        return grad_emb, grad_weight, grad_target, None, None, None, None, None, None, None
+        return grad_emb, grad_weight, grad_target, None, None, None, None, None
 
