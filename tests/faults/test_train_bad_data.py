@@ -12,11 +12,10 @@ from tests.distributed.test_train import _config, _quiet
 from tests.faults.shardset import IMAGE_SIZE, write_fault_set
 from tests.spawn import run_world
 
-
 # One epoch of the counting test's layout, by hand: 2 ranks without reader processes (2 reader slots), the
-# shards in manifest order (data.shuffle: false). The 4 present shards hold 20 + 13 + 12 + 6 = 51 samples:
-# fewer than 4 per slot, so the sample split deals them alternately (26 and 25), and every rank takes the
-# smaller share cut to full batches of 4 (the trainer's drop_last): 24 samples, 6 steps. The first pass of
+# shards in manifest order (data.shuffle: false). The 4 present shards hold 20 + 13 + 12 + 6 = 51 samples;
+# with fewer than 4 shards per slot the split is by sample, dealt alternately (26 and 25), and every rank
+# takes the smaller share cut to full batches of 4 (the trainer's drop_last): 24 samples, 6 steps. The first pass of
 # each rank delivers fewer good samples (22 and 15: the bad ones of part-000001.tar all fall on rank 1), so
 # both ranks refill from a second pass, which starts again with the clean part-000000.tar (10 samples per
 # rank, more than either needs): every planted bad sample is read exactly once in the epoch.
