@@ -91,6 +91,9 @@ class DataConfig:
     a mapping: the loader's options)."""
     resampled: bool = False
     """Draw shards with replacement (an endless stream) instead of epochs over the shard list."""
+    shuffle: bool = True
+    """Shuffle the shard order and the samples of each epoch; off: every epoch (and every refill pass) reads
+    the shards in manifest order, for inspecting what the readers meet."""
     max_skip_fraction: float = 0.01
     """Stop training (``DataQualityError``, naming the worst shard) once more than this fraction of the
     samples read had to be skipped (bad images, bad labels, lost shard samples); checked once

@@ -359,7 +359,10 @@ class TrainLoader:
         for key in list(self._pending):
             pass_index, worker = key
             pending = self._pending[key]
-            while pending and (pass_index < p.pass_index or pending[0][0] < p.positions[worker]):
+            # a later pass's skips wait for that pass: DALI's feed reads batches ahead, into the next pass,
+            # while the consumed positions still count the current one
+            while pending and (pass_index < p.pass_index
+                               or (pass_index == p.pass_index and pending[0][0] < p.positions[worker])):
                 _, shard, reason, count = pending.popleft()
                 self.counts.add_skip(self._shard_name(shard), reason, count)
             if not pending:

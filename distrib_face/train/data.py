@@ -156,8 +156,8 @@ def build_train_data(cfg: Config, rank: int, world_size: int, device: torch.devi
         data.shards, batch_size=data.batch_size, rank=rank, world_size=world_size, num_workers=data.num_workers,
         seed=cfg.train.seed, epoch=epoch, decoder=data.decoder, device=str(device), dtype=torch.float32,
         augment=data.augment, rebalance=data.rebalance, resampled=data.resampled, drop_last=True,
-        dali_threads=data.dali_threads, image_size=data.image_size, max_skip_fraction=data.max_skip_fraction if world_size == 1 else 1.0,
-        skip_check_after=data.skip_check_after,
+        shuffle=data.shuffle, dali_threads=data.dali_threads, image_size=data.image_size,
+        max_skip_fraction=data.max_skip_fraction if world_size == 1 else 1.0, skip_check_after=data.skip_check_after,
         allow_missing_shards=data.allow_missing_shards, max_image_pixels=data.max_image_pixels,
     )
     if len(loader) == 0:
