@@ -78,16 +78,16 @@ FROZEN_V1 = """{
   "num_classes": 3,
   "num_samples": 9,
   "shards": [
-    {"name": "shard-00000.tar", "count": 5, "bytes": 40960, "sha256": "%s"},
-    {"name": "shard-00001.tar", "count": 4, "bytes": 30720, "sha256": "%s"}
+    {"name": "shard-00000.tar", "count": 5, "bytes": 40960, "sha256": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
+    {"name": "shard-00001.tar", "count": 4, "bytes": 30720, "sha256": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}
   ],
   "class_counts": [2, 3, 4],
   "label_map": {"alice": 0, "carol": 2},
   "image_size": [112, 112],
   "source": {"kind": "image_folder", "root": "/data/faces"},
-  "content_hash": "%s"
+  "content_hash": "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"
 }
-""" % ("a" * 64, "b" * 64, "f" * 64)
+"""
 
 
 def test_a_frozen_hand_written_format1_manifest_reads(tmp_path):
