@@ -60,8 +60,11 @@ def triplet_loss(
         valid = pos.any(dim=1) & neg.any(dim=1)
         hardest_pos = dist.masked_fill(~pos, float("-inf")).amax(dim=1)
         hardest_neg = dist.masked_fill(~neg, float("inf")).amin(dim=1)
-        losses = F.relu(hardest_pos - hardest_neg + margin)[valid]
-    elif mining == "semi_hard":
+        # Anchors without a positive or a negative give relu(-inf) = 0 here, finite, and are masked out.
+        return _masked_mean(F.relu(hardest_pos - hardest_neg + margin), valid, embeddings)
+    if mining == "semi_hard":
+        # The anchor-positive pairs are a data-dependent set (``nonzero``: one host synchronisation per call);
+        # a dense form would need an [N, N, N] block.
         anchors, positives = pos.nonzero(as_tuple=True)
         d_ap = dist[anchors, positives]  # [P]
         d_an = dist[anchors]  # [P, N]
@@ -70,11 +73,20 @@ def triplet_loss(
         closest_outside = d_an.masked_fill(~outside, float("inf")).amin(dim=1)
         farthest = d_an.masked_fill(~neg_rows, float("-inf")).amax(dim=1)
         chosen = torch.where(outside.any(dim=1), closest_outside, farthest)
-        keep = neg_rows.any(dim=1)
-        losses = F.relu(d_ap - chosen + margin)[keep]
-    else:
-        raise ValueError(f"triplet mining must be 'batch_hard' or 'semi_hard', got {mining!r}")
-    return losses.mean() if losses.numel() else embeddings.sum() * 0.0
+        keep = neg_rows.any(dim=1)  # [P]
+        return _masked_mean(F.relu(d_ap - chosen + margin), keep, embeddings)
+    raise ValueError(f"triplet mining must be 'batch_hard' or 'semi_hard', got {mining!r}")
+
+
+def _masked_mean(values: Tensor, keep: Tensor, like: Tensor) -> Tensor:
+    """The mean of ``values`` where ``keep``; 0 with a gradient path into ``like`` when nothing is kept.
+
+    A masked sum, not boolean indexing and a branch on the count: no host synchronisation and no
+    data-dependent shape. ``values`` must be finite where not kept (their gradient is zeroed, not skipped).
+    """
+    num_kept = keep.sum()
+    mean = torch.where(keep, values, 0.0).sum() / num_kept.clamp_min(1)
+    return torch.where(num_kept > 0, mean, like.sum() * 0.0)
 
 
 def contrastive_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0, normalize: bool = False) -> Tensor:

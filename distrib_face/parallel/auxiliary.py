@@ -21,7 +21,8 @@ the same gradient on every rank because its loss is replicated. Train them with 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,38 +75,59 @@ class ShardedClassCenters(nn.Module):
         self.centers = nn.Parameter(rows)  # [C_r, D]
 
     def _owned(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(owned [B] bool, local [B])``: which rows' classes this rank holds, and their local rows.
+
+        Masks, not ``nonzero``: no host synchronisation and no data-dependent shape. Rows owned elsewhere
+        point at local row 0 (their terms are zeroed by the mask; only the shape-0 shard has no row 0).
+        """
         start, stop = self.class_range
-        rows = ((labels >= start) & (labels < stop)).nonzero(as_tuple=True)[0]
-        return rows, labels[rows] - start
+        owned = (labels >= start) & (labels < stop)
+        return owned, torch.where(owned, labels - start, 0)
+
+    def _own_centers(self, labels: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """``(owned [B], centres of the owned rows' classes [B, D])`` (zeros elsewhere); None for an empty shard."""
+        if self.centers.shape[0] == 0:  # fewer classes than ranks: this rank holds none (a static shape)
+            return None
+        owned, local = self._owned(labels)
+        return owned, self.centers[local].to(dtype)
 
     def center_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """``0.5 mean_i ||x_i - c_{y_i}||^2`` over the global batch ``embeddings [B, D]`` (replicated)."""
-        rows, local = self._owned(labels)
-        part = 0.5 * (embeddings[rows] - self.centers[local].to(embeddings.dtype)).pow(2).sum()
+        mine = self._own_centers(labels, embeddings.dtype)
+        if mine is None:
+            part = embeddings.sum() * 0.0 + self.centers.sum().to(embeddings.dtype) * 0.0
+        else:
+            owned, centers = mine
+            part = torch.where(owned, 0.5 * (embeddings - centers).pow(2).sum(dim=1), 0.0).sum()
         return all_reduce_sum_replicated_grad(part.reshape(1), self.group)[0] / max(len(labels), 1)
 
     def intra_angle_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """``mean_i theta_{i, y_i} / pi`` over the global batch (replicated)."""
-        rows, local = self._owned(labels)
-        part = metric._angles(embeddings[rows], self.centers[local].to(embeddings.dtype)).sum()
+        mine = self._own_centers(labels, embeddings.dtype)
+        if mine is None:
+            part = embeddings.sum() * 0.0 + self.centers.sum().to(embeddings.dtype) * 0.0
+        else:
+            owned, centers = mine
+            part = torch.where(owned, metric._angles(embeddings, centers), 0.0).sum()
         return all_reduce_sum_replicated_grad(part.reshape(1), self.group)[0] / (math.pi * max(len(labels), 1))
 
     def inter_angle_loss(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
         """ArcFace's Inter-Loss term over the global batch's labels and every class (replicated)."""
         if self.num_classes < 2 or len(labels) == 0:
             return self.centers.sum().to(dtype) * 0.0
-        rows, local = self._owned(labels)
         centers = self.centers.to(dtype)
-        mine = torch.zeros(len(labels), centers.shape[1], dtype=dtype, device=centers.device)
-        target = all_reduce_sum_summed_grad(mine.index_put((rows,), centers[local]), self.group)  # [B, D]
+        mine = self._own_centers(labels, dtype)
+        if mine is None:
+            mine_rows = torch.zeros(len(labels), centers.shape[1], dtype=dtype, device=centers.device)
+        else:
+            mine_rows = torch.where(mine[0][:, None], mine[1], 0.0)  # [B, D]: the rows whose class is here
+        target = all_reduce_sum_summed_grad(mine_rows, self.group)  # [B, D]
         cos = nn.functional.normalize(target, dim=1) @ nn.functional.normalize(centers, dim=1).t()  # [B, C_r]
         angles = torch.acos(cos.clamp(-1.0 + metric._ACOS_EPS, 1.0 - metric._ACOS_EPS))
-        start = self.class_range[0]
-        own_col = labels - start
-        here = (own_col >= 0) & (own_col < centers.shape[0])
-        mask = torch.ones_like(angles, dtype=torch.bool)
-        mask[here.nonzero(as_tuple=True)[0], own_col[here]] = False
-        part = (angles * mask).sum()
+        # Every (row, class) pair but the row's own class; a row whose class is elsewhere keeps all columns.
+        own_col = labels - self.class_range[0]
+        not_own = torch.arange(centers.shape[0], device=labels.device)[None, :] != own_col[:, None]  # [B, C_r]
+        part = (angles * not_own).sum()
         total = all_reduce_sum_replicated_grad(part.reshape(1), self.group)[0]
         return -total / (math.pi * (self.num_classes - 1) * len(labels))
 
@@ -124,11 +146,12 @@ def sharded_up_loss(classifier: nn.Module, novel_local: Tensor, group: dist.Proc
     sq = classifier.weight[:, :d].pow(2).sum(dim=1).view(-1, k)  # [C_r, K] (bias column excluded)
     mask = novel_local.to(sq.device)[:, None].expand_as(sq)
     counts = all_reduce_tensor(torch.stack([(~mask).sum(), mask.sum()]).to(sq.dtype), "sum", group)
-    if counts[0] == 0 or counts[1] == 0:
-        return sq.sum() * 0.0
-    alpha = all_reduce_tensor(sq.detach()[~mask].sum(), "sum", group) / counts[0]
-    part = (sq[mask] - alpha).pow(2).sum()
-    return all_reduce_sum_replicated_grad(part.reshape(1), group)[0] / counts[1]
+    # Masked sums instead of boolean indexing and a branch on the counts: no host synchronisation. Without
+    # base or without novel rows anywhere the loss is 0 (with a gradient path), as in metric.up_loss.
+    alpha = all_reduce_tensor(torch.where(mask, 0.0, sq.detach()).sum(), "sum", group) / counts[0].clamp_min(1)
+    part = torch.where(mask, (sq - alpha).pow(2), 0.0).sum()
+    loss = all_reduce_sum_replicated_grad(part.reshape(1), group)[0] / counts[1].clamp_min(1)
+    return torch.where((counts[0] > 0) & (counts[1] > 0), loss, 0.0)
 
 
 _BATCH_TERMS = ("triplet", "contrastive", "ring", "magface")

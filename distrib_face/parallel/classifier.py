@@ -366,6 +366,11 @@ class ShardedMarginClassifier(nn.Module):
         self._rows_ready: Any = None  # CUDA event: the rows buffer holds this step's rows (offload)
         self._copy_stream: Any = None
         self._pending_writeback: list[Any] = []  # offload: updated rows on their way back to the host
+        #: Offload: the optimizer's host state (``{name: [C_local * K, D]}``), attached by ShardOptimizer so
+        #: that the plan stages its rows with the weights' (:meth:`attach_offloaded_state`).
+        self._offloaded_state: dict[str, Tensor] = {}
+        self._state_rows: dict[str, Tensor] = {}  # offload: [rows in use, D] device buffers of those rows
+        self._state_prefetched: dict[str, Tensor] = {}  # this plan's state rows, on their way (copy stream)
         self._active: tuple[Tensor | None, Tensor, Tensor | None] | None = None
         self._prefetched: StepRows | None = None
         self._workspace = Workspace()  # the fast path's reused chunk block and row gradient (eager mode)
@@ -526,17 +531,54 @@ class ShardedMarginClassifier(nn.Module):
         if self._rows_ready is not None:
             self._rows_ready.synchronize()  # the previous copy out of the staging buffer is done
         staged = self.stage_rows("weight", self.weight, rows)
+        # The optimizer state's rows travel with the weights' (same staging, same stream): its step then
+        # finds them on the device instead of copying them after the backward.
+        copies = [(staged, buf)] + self._stage_state(rows, num_rows)
         if self.device.type == "cuda":
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # last step's use of buf
             with torch.cuda.stream(self._copy_stream):
-                buf.copy_(staged, non_blocking=True)
+                for src, dst in copies:
+                    dst.copy_(src, non_blocking=True)
                 self._rows_ready = torch.cuda.Event()
                 self._rows_ready.record(self._copy_stream)
         else:
-            buf.copy_(staged)
+            for src, dst in copies:
+                dst.copy_(src)
         return buf
+
+    def attach_offloaded_state(self, buffers: dict[str, Tensor]) -> None:
+        """Offload: stage the rows of the optimizer's host ``buffers`` with the weights' in every training plan.
+
+        :class:`~distrib_face.parallel.optim.ShardOptimizer` calls it; its ``step`` then takes the rows from
+        :meth:`prefetched_state` instead of copying them on the critical path.
+        """
+        if self.offload != "host":
+            raise ValueError(f"attach_offloaded_state is for offload='host', this classifier has {self.offload!r}")
+        self._offloaded_state = dict(buffers)
+
+    def prefetched_state(self, name: str) -> Tensor | None:
+        """The device rows of optimizer state ``name`` staged by this step's plan (None if it staged none).
+
+        They were copied on the same stream as the weight rows, so the forward's wait covers them too.
+        """
+        return self._state_prefetched.get(name)
+
+    def _stage_state(self, rows: Tensor | None, num_rows: int) -> list[tuple[Tensor, Tensor]]:
+        """``(staged host rows, device rows)`` of each attached optimizer state, for a training plan."""
+        self._state_prefetched = {}
+        if not self.training:
+            return []  # no optimizer step follows an evaluation forward
+        pairs = []
+        for name, host in self._offloaded_state.items():
+            device_rows = self._state_rows.get(name)
+            if device_rows is None or tuple(device_rows.shape) != (num_rows, host.shape[1]):
+                device_rows = torch.empty((num_rows, host.shape[1]), dtype=host.dtype, device=self.device)
+                self._state_rows[name] = device_rows
+            pairs.append((self.stage_rows(name, host, rows), device_rows))
+            self._state_prefetched[name] = device_rows
+        return pairs
 
     @torch.no_grad()
     def stage_rows(self, name: str, host: Tensor, rows: Tensor | None) -> Tensor:

@@ -107,6 +107,8 @@ class ShardOptimizer(torch.optim.Optimizer):
             self.buffers = {"momentum_buffer": zeros()} if momentum > 0 else {}
         else:
             self.buffers = {"exp_avg": zeros(), "exp_avg_sq": zeros()}
+        if classifier.offload == "host":
+            classifier.attach_offloaded_state(self.buffers)  # its rows then come with each plan's weight rows
         # Per class: how many updates it has had (AdamW's bias correction; useful statistics for SGD too).
         self.row_steps = torch.zeros(weight.shape[0] // k, dtype=torch.int64, device=weight.device)
         #: Optimizer steps taken (a host counter: it seeds the stochastic rounding of each step).
@@ -185,6 +187,10 @@ class ShardOptimizer(torch.optim.Optimizer):
             row_index = clf.active_row_index()
             state = {}
             for name, buf in self.buffers.items():
+                prefetched = clf.prefetched_state(name) if clf.offload == "host" else None
+                if prefetched is not None and prefetched.shape == w.shape:
+                    state[name] = prefetched  # staged and copied by the plan, beside the weight rows
+                    continue
                 rows = self._state_rows(name, w)
                 if clf.offload == "host":
                     rows.copy_(clf.stage_rows(name, buf, row_index), non_blocking=True)

@@ -11,10 +11,26 @@ Per optimiser step, on every rank::
     shard_optimizer.step()                            # the class shard: never averaged, never in DeepSpeed
 
 The loss is identical on all ranks, so every rank takes the same decisions (skip a non-finite loss, stop,
-checkpoint, verify) without extra communication. Host syncs: one per micro-batch (the loss value, which is
-the non-finite verdict every rank needs before its backward), plus the gradient norm and the classifier's
-device-side error counters (``check_step_errors``) on logging steps; the classifier's forward, backward and
-optimiser step themselves have none (docs/classifier.md).
+checkpoint, verify) without extra communication.
+
+Host syncs of a step that does not log (counted in tests/distributed/test_step_syncs.py):
+
+- ours: one per micro-batch, ``float(loss)`` in :meth:`StepRunner.forward_backward`, the non-finite verdict.
+  It is needed per micro-batch, not once per step: a non-finite micro-batch is skipped *before* its backward
+  and another one drawn (a backward through a NaN forward would poison the accumulated gradients, which
+  cannot be taken back), so with ``optim.grad_accum = k`` a step makes ``k`` reads. ``finish_step`` makes
+  none in fp32 / bf16; under fp16 it reads the class shard's finiteness flag once (``unscale_``'s 0-d
+  tensor), right after DeepSpeed's own overflow read, which has already waited for the same backward.
+- DeepSpeed's, inside ``engine.step()``: none in fp32 with ZeRO 0; one (``is_invalid_grad_norm``) with
+  ZeRO >= 1; bf16 / fp16 with ZeRO 0 go through DeepSpeed's ``FP16_Optimizer``, which checks the gradient
+  of each backbone parameter for overflow with its own host read (one per parameter) and reads the norm.
+- host offload on CUDA (``loss.offload: host``): the classifier's plan waits once per step for the sampled
+  indices and the previous step's rows (docs/classifier.md, "Host offload").
+- logging steps add the gradient norm and the classifier's device-side error counters
+  (``check_step_errors``).
+
+The classifier's forward, backward and optimiser step have none (docs/classifier.md), nor have the auxiliary
+losses except semi-hard triplet mining (one ``nonzero`` for its anchor-positive pairs).
 """
 
 from __future__ import annotations
@@ -87,7 +103,8 @@ class StepRunner:
             loss = loss + parts.auxiliary(embeddings, labels, classifier=parts.classifier)[0]
         if poison:
             loss = loss * float("nan")
-        value = float(loss.detach())  # the host sync of the step: every rank must see the same verdict
+        # The host sync of the micro-batch: every rank must see the same verdict before the backward.
+        value = float(loss.detach())
         if not math.isfinite(value):
             return value
         parts.engine.backward(loss)
@@ -124,7 +141,9 @@ class StepRunner:
         if want_grad_norm and engine.zero_optimization_stage() == 0:
             grad_norm = math.sqrt(_backbone_grad_sq(engine) + float(_shard_grad_sq(shard_grad, ctx)))
         engine.step()
-        if fp16 and (not engine.was_step_applied() or not shard_finite):
+        # shard_finite is a 0-d tensor: reading it here costs no stall, since DeepSpeed's overflow check in
+        # engine.step() has already waited for the backward that produced it.
+        if fp16 and (not engine.was_step_applied() or not bool(shard_finite)):
             logger.warning("fp16 overflow: the class-shard step is skipped with the backbone's")
         else:
             if self.cfg.optim.grad_clip and shard_grad is not None:

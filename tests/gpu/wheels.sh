@@ -3,7 +3,7 @@
 # one `run` call can carry (see docs/testing.md; the full set with DALI is ../shared/tools/gpu-wheels.sh).
 #
 #   bash tests/gpu/wheels.sh            # from the project root, on the development machine (needs PyPI)
-#   -> .gpu1/wheels.tar (~10 MB) and .gpu1/install.sh; carry ".gpu1" in the run call, then on the GPU:
+#   -> .gpu1/wheels.tar (14 wheels, 5.8 MiB) and .gpu1/install.sh; carry ".gpu1" in the run call, then on the GPU:
 #      bash .gpu1/install.sh && export PYTHONPATH=/tmp/site:$PWD && bash tests/gpu/run.sh part1 "$OUT"
 #
 # The image has Python 3.12, torch 2.11 (cu130), triton, numpy, pillow, pyyaml, pytest, onnx(runtime)

@@ -71,6 +71,40 @@ def test_format1_manifests_still_read_and_rewrite_as_format2(tmp_path):
     assert dict(new.counts_by_name()) == {"ann": 1, "1": 2, "cat": 3, "dan": 4, "eve": 5}
 
 
+# A format-1 manifest.json as the packer of format 1 wrote it, frozen here by hand (not produced by this
+# library's own writer): class counts and the label map inline, label 1 without a name.
+FROZEN_V1 = """{
+  "format": "distrib_face.shards/1",
+  "num_classes": 3,
+  "num_samples": 9,
+  "shards": [
+    {"name": "shard-00000.tar", "count": 5, "bytes": 40960, "sha256": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
+    {"name": "shard-00001.tar", "count": 4, "bytes": 30720, "sha256": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}
+  ],
+  "class_counts": [2, 3, 4],
+  "label_map": {"alice": 0, "carol": 2},
+  "image_size": [112, 112],
+  "source": {"kind": "image_folder", "root": "/data/faces"},
+  "content_hash": "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"
+}
+"""
+
+
+def test_a_frozen_hand_written_format1_manifest_reads(tmp_path):
+    (tmp_path / "manifest.json").write_text(FROZEN_V1)
+    old = read_manifest(tmp_path)
+    assert old.format == FORMAT_V1 == "distrib_face.shards/1"
+    assert (old.num_classes, old.num_samples, old.shard_counts) == (3, 9, [5, 4])
+    assert [s.rsplit("/", 1)[-1] for s in old.shards] == ["shard-00000.tar", "shard-00001.tar"]
+    assert old.shards[0] == str(tmp_path / "shard-00000.tar")
+    assert old.shard_bytes == [40960, 30720] and old.shard_hashes == ["a" * 64, "b" * 64]
+    assert old.class_counts.tolist() == [2, 3, 4]
+    assert old.label_map == {"alice": 0, "carol": 2} and old.class_names == ["alice", "", "carol"]
+    assert old.image_size == (112, 112) and old.content_hash == "f" * 64
+    assert old.source == {"kind": "image_folder", "root": "/data/faces"}
+    assert dict(old.counts_by_name()) == {"alice": 2, "1": 3, "carol": 4}
+
+
 def test_a_rewrite_replaces_the_table_only_after_the_manifest(tmp_path):
     write_manifest(tmp_path, _manifest())
     first = _table(tmp_path)

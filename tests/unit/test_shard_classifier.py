@@ -266,6 +266,53 @@ def test_a_nan_weight_row_makes_the_loss_nan_not_zero():
     assert torch.isnan(lse[0]) and lse[1].item() == 2.0  # an all-masked row is just its target
 
 
+@pytest.mark.parametrize(("optimizer", "sample_rate"), [("sgd", 0.1), ("adamw", 0.1), ("sgd", 1.0)])
+def test_offload_prefetch_stages_the_optimizer_state_rows(optimizer, sample_rate):
+    """Host offload: the plan stages the optimizer state's rows with the weights' (one copy stream on CUDA), so
+    ShardOptimizer.step stages nothing itself; the trajectory equals the in-device path's bit for bit."""
+    torch.manual_seed(0)
+    steps = [(torch.randn(6, 8), torch.randint(0, 200, (6,))) for _ in range(3)]
+    trajectories = {}
+    for offload in ("none", "host"):
+        clf = ShardedMarginClassifier(200, 8, margin="cosface", sample_rate=sample_rate, seed=3, offload=offload)
+        opt = ShardOptimizer(clf, optimizer, lr=0.5, momentum=0.9, weight_decay=5e-4)
+        staged_in_step: list[str] = []
+        losses = []
+        for emb, labels in steps:
+            clf.prefetch(labels)
+            if offload == "host":
+                row_index = clf.active_row_index()
+                for name, host in opt.buffers.items():  # the state rows are on the device before the forward
+                    expected = host if row_index is None else host[row_index]
+                    assert torch.equal(clf.prefetched_state(name), expected), name
+            loss = clf(emb, labels)
+            loss.backward()
+            stage = clf.stage_rows
+            clf.stage_rows = lambda name, *args, _stage=stage, _seen=staged_in_step: _seen.append(name) or _stage(name, *args)
+            opt.step()
+            clf.stage_rows = stage
+            opt.zero_grad()
+            losses.append(loss.detach())
+        assert staged_in_step == []  # nothing copied to the device on the optimizer's critical path
+        clf.flush()
+        trajectories[offload] = (losses, clf.weight.detach().clone(), {k: v.clone() for k, v in opt.buffers.items()})
+    (loss_a, w_a, state_a), (loss_b, w_b, state_b) = trajectories["none"], trajectories["host"]
+    assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b))
+    assert torch.equal(w_a, w_b)
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_offload_evaluation_plan_stages_no_state():
+    clf = ShardedMarginClassifier(50, 8, margin="cosface", offload="host")
+    ShardOptimizer(clf, "sgd", momentum=0.9)
+    clf.eval()
+    with torch.no_grad():
+        clf(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]))
+    assert clf.prefetched_state("momentum_buffer") is None
+    with pytest.raises(ValueError, match="offload='host'"):
+        ShardedMarginClassifier(50, 8).attach_offloaded_state({})
+
+
 @pytest.mark.parametrize("offload", ["none", "host"])
 def test_prefetch_then_forward_equals_forward(offload):
     """prefetch(labels) plans the step early (sampling, the rows' copy); the forward then uses that plan."""
