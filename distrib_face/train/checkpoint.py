@@ -274,9 +274,11 @@ def save_checkpoint(
     if ctx.rank == 0:
         _publish(root, tmp, final)
     barrier(ctx.group)
-    if tmp.exists() and not final.exists():  # a rank on a file system rank 0 does not see
+    # A node whose file system rank 0 does not see publishes its own copy, once: its first local rank (the
+    # node's ranks share the folder, so two publishers there could remove each other's result).
+    if ctx.local_rank == 0 and tmp.exists() and not final.exists():
         _publish(root, tmp, final)
-    if ctx.rank == 0 and keep > 0:
+    if ctx.local_rank == 0 and keep > 0:  # every node's copy (a shared folder: the same steps go)
         _prune(root, keep)
     barrier(ctx.group)
     logger.info("rank %d: checkpoint %s written", ctx.rank, final)
@@ -362,8 +364,8 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    # replace: an earlier attempt at the same step (a restarted job); may_race: the ranks of a node that does
-    # not see rank 0's file system all publish their shared copy
+    # replace: an earlier attempt at the same step (a restarted job); may_race: kept as a guard should two
+    # publishers still meet on one folder (one per node is the rule above)
     publish_dir(tmp, final, replace=True, may_race=True)
     write_text(root / LATEST, final.name + "\n")
 
