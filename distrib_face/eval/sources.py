@@ -352,6 +352,11 @@ class ReaderPool:
 
     def _dead_readers(self) -> str:
         """The readers that died, each with its number, pid, how it ended and what it was reading."""
+        # The pool's manager thread reaps the readers (it terminates the rest once one died); reading an exit
+        # code while it does races with it for the fork server's one status message (then it reads as 255).
+        manager = getattr(self.executor, "_executor_manager_thread", None)
+        if manager is not None:
+            manager.join(timeout=10)
         processes = list((getattr(self.executor, "_processes", None) or {}).values())
         ended = [p for p in processes if p.exitcode is not None]
         # the pool terminates the others (SIGTERM) once one died: name the ones that ended otherwise
