@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "add_train_arguments", "load_checked_config", "preflight",
-           "register", "train_command"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "add_train_arguments", "check_shard_files",
+           "load_checked_config", "preflight", "register", "train_command"]
 
 #: Kept for callers of the old names.
 EXIT_BAD_CONFIG = EXIT_BAD_INPUT
@@ -95,7 +95,8 @@ def preflight(cfg: "Config", *, resume: str | None = None, ray_storage: bool = F
     """Check, before any worker starts, what the user must fix when it is wrong; register the secrets.
 
     - the config's secrets are registered for redaction (every later log line of this process masks them);
-    - the inputs named exist: ``data.shards`` (``source: shards``), each ``train.eval_pairsets`` file,
+    - the inputs named exist: ``data.shards`` (``source: shards``: its manifest and every shard it names, see
+      :func:`check_shard_files`), each ``train.eval_pairsets`` file,
       ``train.init_backbone``, a ``train.resume`` folder and ``resume``;
     - ``train.output_dir`` (and ``ray.storage_path`` with ``ray_storage``, when it is a local path) can be
       created and takes a small file;
@@ -126,14 +127,7 @@ def preflight(cfg: "Config", *, resume: str | None = None, ray_storage: bool = F
                     if name == "data.shards" else "")
             raise FileNotFoundError(f"{name} does not exist: {path}{hint}")
     if cfg.data.source == "shards" and cfg.data.shards and "://" not in cfg.data.shards:
-        from distrib_face.data.manifest import manifest_location
-
-        shards, location = Path(cfg.data.shards), Path(manifest_location(cfg.data.shards))
-        if shards.is_file() and shards.suffix != ".json":
-            raise FileNotFoundError(f"data.shards is a {shards.suffix or 'plain'} file, not a shard folder or its "
-                                    f"manifest.json: {shards}")
-        if not location.is_file():
-            raise FileNotFoundError(f"data.shards has no shard manifest: {location} (pack or synth writes one)")
+        check_shard_files(cfg.data.shards, allow_missing=cfg.data.allow_missing_shards)
     check_writable_folder(cfg.train.output_dir, "train.output_dir")
     if ray_storage and cfg.ray.storage_path and "://" not in cfg.ray.storage_path:
         check_writable_folder(cfg.ray.storage_path, "ray.storage_path")
@@ -141,6 +135,41 @@ def preflight(cfg: "Config", *, resume: str | None = None, ray_storage: bool = F
         from distrib_face.tracking.mlflow_tracker import check_tracking_store, resolve_tracking_uri
 
         check_tracking_store(resolve_tracking_uri(cfg.tracking.tracking_uri))
+
+
+def check_shard_files(shards: str | os.PathLike, *, allow_missing: bool = False) -> None:
+    """Check that the local shard folder ``shards`` (or its ``manifest.json``) has a manifest and every shard
+    it names: the manifest is read (not the shards) and each shard costs one ``stat``, so thousands of shards
+    take milliseconds.
+
+    Args:
+        shards: ``data.shards``, a local path.
+        allow_missing: ``data.allow_missing_shards``: missing shards are left to the loader, which trains
+            without them and says so once; only a manifest whose every shard is missing is refused.
+
+    Raises:
+        FileNotFoundError: no manifest there, or a missing shard (the first one named, with how many more).
+    """
+    from distrib_face.data.manifest import manifest_location, read_manifest
+
+    folder, location = Path(shards), Path(manifest_location(shards))
+    if folder.is_file() and folder.suffix != ".json":
+        raise FileNotFoundError(f"data.shards is a {folder.suffix or 'plain'} file, not a shard folder or its "
+                                f"manifest.json: {folder}")
+    if not location.is_file():
+        raise FileNotFoundError(f"data.shards has no shard manifest: {location} (pack or synth writes one)")
+    listed = read_manifest(location).shards
+    missing = [path for path in listed if not os.path.isfile(path)]
+    if not missing or (allow_missing and len(missing) < len(listed)):
+        return
+    names = [Path(path).name for path in missing]
+    if allow_missing:
+        raise FileNotFoundError(f"data.shards: all {len(listed)} shards listed in {location} are missing "
+                                f"(data.allow_missing_shards cannot train without data)")
+    more = f" (and {len(names) - 1} more: {', '.join(names[1:4])}{' ...' if len(names) > 4 else ''})" \
+        if len(names) > 1 else ""
+    raise FileNotFoundError(f"data.shards: {names[0]} is missing: {missing[0]} is listed in {location} but not "
+                            f"there{more}; restore it, or set data.allow_missing_shards: true to train without it")
 
 
 def check_writable_folder(path: str | os.PathLike, name: str) -> None:

@@ -270,7 +270,7 @@ def embed_source(
         outputs.append((raw / np.maximum(norms, 1e-12)).astype(np.float32))
 
     try:
-        with ReaderPool(workers, timeout=timeout) as pool:
+        with ReaderPool(workers, timeout=timeout, describe=lambda at: f"{names[at]} of {scanned.path}") as pool:
             for chunk in pool.map(_chunks(scanned, chunk_size, size, names, labels)):
                 for index, reason, message in chunk.skipped:
                     logger.warning("skipping %s: %s (%s)", names[index], reason, message)

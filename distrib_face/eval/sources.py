@@ -13,8 +13,10 @@ A source is one of
 Images are decoded in worker processes (``forkserver`` where available, else ``spawn``; never ``fork``,
 which deadlocks a process that already runs threads: torch, ONNX Runtime, tqdm's monitor). Each task is a
 chunk of images; results come back in submission order, every wait is bounded, and a worker that dies
-fails the run with a message instead of hanging it. An image that cannot be decoded is skipped and
-counted under a named reason (:func:`decode_safely`).
+fails the run with a message naming it (number, pid, exit code or signal, the images it was decoding)
+instead of hanging it. Readers die with the process that started them, as the training loader's do
+(``PR_SET_PDEATHSIG`` and a parent watch, :func:`distrib_face.data.procs.watch_parent`). An image that
+cannot be decoded is skipped and counted under a named reason (:func:`decode_safely`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import concurrent.futures
 import logging
 import multiprocessing as mp
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -208,9 +211,40 @@ class DecodedChunk:
     skipped: list[tuple[int, str, str]]
 
 
+# In a reader process: (the pool's shared table, this reader's row), set by _start_reader. The row holds the
+# reader's pid and the first and last position of the chunk it decodes (-1 between chunks), so the parent
+# can name a reader that died and what it was reading.
+_READER_ROW: tuple[Any, int] | None = None
+_TABLE_COLUMNS = 3
+
+
+def _start_reader(parent_pid: int, table: Any, next_row: Any) -> None:
+    """Initialiser of a reader process: die with the process that embeds (``parent_pid``), exactly as the
+    training loader's readers do (``PR_SET_PDEATHSIG`` and a watch thread, :func:`distrib_face.data.procs.
+    watch_parent`), and claim a row of ``table``."""
+    from distrib_face.data.procs import watch_parent
+
+    global _READER_ROW
+    watch_parent(parent_pid)
+    with next_row.get_lock():
+        row = next_row.value
+        next_row.value += 1
+    if (row + 1) * _TABLE_COLUMNS <= len(table):
+        table[row * _TABLE_COLUMNS:(row + 1) * _TABLE_COLUMNS] = [os.getpid(), -1, -1]
+        _READER_ROW = (table, row)
+
+
+def _mark_reading(first: int, last: int) -> None:
+    if _READER_ROW is not None:
+        table, row = _READER_ROW
+        table[row * _TABLE_COLUMNS + 1:(row + 1) * _TABLE_COLUMNS] = [first, last]
+
+
 def decode_task(task: tuple[list[tuple[int, str | bytes | None]], tuple[int, int]]) -> DecodedChunk:
     """Decode one chunk: ``([(position, file path or bytes or None), ...], (H, W))`` (runs in a reader)."""
     entries, size = task
+    if entries:
+        _mark_reading(entries[0][0], entries[-1][0])
     indices, arrays, skipped = [], [], []
     for index, payload in entries:
         if isinstance(payload, str):
@@ -227,6 +261,7 @@ def decode_task(task: tuple[list[tuple[int, str | bytes | None]], tuple[int, int
         indices.append(index)
         arrays.append(array)
     images = np.stack(arrays) if arrays else np.zeros((0, size[0], size[1], 3), np.uint8)
+    _mark_reading(-1, -1)
     return DecodedChunk(indices, images, skipped)
 
 
@@ -263,20 +298,33 @@ def reader_context() -> mp.context.BaseContext:
 class ReaderPool:
     """Decode chunks in worker processes, results in submission order, every wait bounded.
 
+    Readers die with the calling process (a SIGKILLed ``embed`` leaves none behind: the training loader's
+    mechanism, :func:`distrib_face.data.procs.watch_parent`), and a reader that dies is named: its number,
+    pid, exit code or signal, and the images it was decoding.
+
     Args:
         workers: reader processes; 0 decodes in the calling process (no timeout applies there).
         max_in_flight: tasks submitted ahead of the one being waited for (default ``2 * workers``).
         timeout: seconds to wait for one task before giving up with an error.
+        describe: what the image at a position is, for the message about a dead reader (default: the position).
     """
 
-    def __init__(self, workers: int, max_in_flight: int | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, workers: int, max_in_flight: int | None = None, timeout: float = 300.0,
+                 describe: Callable[[int], str] | None = None) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers, self.timeout = workers, timeout
         self.max_in_flight = max(1, max_in_flight or 2 * workers)
+        self.describe = describe or (lambda position: f"image {position}")
         self.executor: concurrent.futures.ProcessPoolExecutor | None = None
         if workers:
-            self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=reader_context())
+            context = reader_context()
+            # [workers, 3] int64: pid, first and last position being decoded (written by the readers)
+            self._table = context.Array("q", [0] * (_TABLE_COLUMNS * workers), lock=False)
+            next_row = context.Value("i", 0)
+            self.executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_start_reader,
+                initargs=(os.getpid(), self._table, next_row))
 
     def map(self, tasks: Iterator[Any]) -> Iterator[DecodedChunk]:
         """Decode every task of ``tasks`` (see :func:`decode_task`) and yield the chunks in order."""
@@ -300,7 +348,33 @@ class ReaderPool:
                 f"a reader process gave no result within {self.timeout:.0f} s (stuck reading or decoding?)"
             ) from err
         except concurrent.futures.process.BrokenProcessPool as err:
-            raise RuntimeError(f"a reader process died (out of memory, or killed): {err}") from err
+            raise RuntimeError(f"a reader process died (out of memory, or killed): {self._dead_readers()}") from err
+
+    def _dead_readers(self) -> str:
+        """The readers that died, each with its number, pid, how it ended and what it was reading."""
+        # The pool's manager thread reaps the readers (it terminates the rest once one died); reading an exit
+        # code while it does races with it for the fork server's one status message (then it reads as 255).
+        manager = getattr(self.executor, "_executor_manager_thread", None)
+        if manager is not None:
+            manager.join(timeout=10)
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        ended = [p for p in processes if p.exitcode is not None]
+        # the pool terminates the others (SIGTERM) once one died: name the ones that ended otherwise
+        dead = [p for p in ended if p.exitcode != -signal.SIGTERM] or ended
+        if not dead:
+            return "no reader found that ended"
+        rows = {self._table[i * _TABLE_COLUMNS]: i for i in range(self.workers)}
+        return "; ".join(self._dead_reader(p, rows.get(p.pid)) for p in dead)
+
+    def _dead_reader(self, process: Any, row: int | None) -> str:
+        code = process.exitcode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        text = f"reader {'?' if row is None else row + 1} of {self.workers} (pid {process.pid}, {how})"
+        first, last = (-1, -1) if row is None else self._table[row * _TABLE_COLUMNS + 1:(row + 1) * _TABLE_COLUMNS]
+        if first < 0:
+            return text + " between chunks"
+        span = f"images {first}-{last}" if last != first else f"image {first}"
+        return text + f" while decoding {span}, from {self.describe(first)}"
 
     def close(self) -> None:
         """Stop the readers; does not wait on one that hangs."""

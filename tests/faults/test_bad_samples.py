@@ -155,6 +155,62 @@ def test_data_verify_passes_a_clean_set_and_refuses_a_bad_manifest(tmp_path, cap
     assert main(["data", "verify", str(tmp_path / "clean"), "--no-progress"]) == 2
 
 
+def _flip_density_byte(shard, member_index=0):
+    """Flip one byte of the first image member's JFIF density field in place: the digest changes, the size does
+    not, and the tar and the image still read the same (no decoder looks at the density)."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][member_index]
+    data = bytearray(shard.read_bytes())
+    image = data[member.offset_data:member.offset_data + member.size]
+    assert image[2:4] == b"\xff\xe0" and image[6:11] == b"JFIF\0", "not a JFIF header"
+    data[member.offset_data + 14] ^= 0x01  # the X density's high byte
+    shard.write_bytes(bytes(data))
+
+
+def test_data_verify_names_each_shard_whose_sha256_count_or_bytes_differ(tmp_path, capsys):
+    from distrib_face.data.manifest import Manifest, read_manifest, write_manifest
+    from distrib_face.data.testing import write_indexed_shards
+
+    root = tmp_path / "set"
+    write_indexed_shards(root, [4, 4, 4, 4])  # sample i has label i, one sample a class
+    _flip_density_byte(root / "part-000000.tar")
+    # The manifest rewritten through its writer: shard 1 holds one sample more than it says (label 7 counted
+    # out of the class table, so the set's counts stay consistent), shard 2 one tar block fewer bytes.
+    old = read_manifest(root)
+    shard_counts, class_counts, shard_bytes = list(old.shard_counts), old.class_counts.copy(), list(old.shard_bytes)
+    shard_counts[1] -= 1
+    class_counts[7] -= 1
+    shard_bytes[2] -= 512
+    write_manifest(root, Manifest(
+        num_classes=old.num_classes, num_samples=old.num_samples - 1, shards=old.shards, shard_counts=shard_counts,
+        class_counts=class_counts, class_names=old.class_names, source=old.source, content_hash=old.content_hash,
+        image_size=old.image_size, shard_hashes=old.shard_hashes, shard_bytes=shard_bytes))
+    assert read_manifest(root).shard_counts == [4, 3, 4, 4]
+
+    def table(*flags):
+        code = main(["data", "verify", str(root), "--workers", "2", "--no-progress", *flags])
+        out = capsys.readouterr().out
+        lines = out.splitlines()
+        header = next(line.split() for line in lines if line.startswith("shard"))
+        rows = {line.split()[0]: line.split() for line in lines if line.startswith("part-")}
+        found = {shard: {reason: int(cell) for reason, cell in zip(header[3:], row[3:]) if cell != "-"}
+                 for shard, row in rows.items()}
+        return code, found, {shard: (int(row[1]), int(row[2])) for shard, row in rows.items()}, out
+
+    code, found, read_expected, out = table("--sha256")
+    assert code == 3, out
+    assert found == {"part-000000.tar": {"sha256_mismatch": 1}, "part-000001.tar": {"count_mismatch": 1},
+                     "part-000002.tar": {"bytes_mismatch": 1}}, out
+    assert read_expected == {"part-000000.tar": (4, 4), "part-000001.tar": (4, 3), "part-000002.tar": (4, 4)}
+    assert "set: class_counts[7] = 0 in the manifest, but the shards hold 1 samples of label 7" in out
+    assert "16 samples read (15 in the manifest): 4 problems in 3 shards and 1 of the set" in out
+    # the flipped byte is only found by the digest: without --sha256 that shard reads clean
+    code, found, _, out = table()
+    assert code == 3 and set(found) == {"part-000001.tar", "part-000002.tar"}, out
+
+
 def _write_folder(root):
     """An identity folder per kind: what pack must skip (with its reason) and what it must convert."""
     base = _jpeg(Image.fromarray(face(1)))

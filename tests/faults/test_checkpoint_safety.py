@@ -50,7 +50,12 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _components(ctx, zero_stage: int, precision: str, seed: int = 0, auxiliary: bool = True, extra: dict | None = None):
+MARGIN_OPTIONS = {"cosface": {"scale": 16.0, "additive_margin": 0.2},
+                  "curricularface": {"scale": 16.0, "angular_margin": 0.5}}  # the second has state: its EMA ``t``
+
+
+def _components(ctx, zero_stage: int, precision: str, seed: int = 0, auxiliary: bool = True, extra: dict | None = None,
+                margin: str = "cosface"):
     """A DeepSpeed engine (iresnet_tiny), a Partial-FC class shard with its optimiser and a centre loss, built
     as the trainer builds them (distrib_face.train.engine, parallel, losses), without the training loop."""
     from distrib_face.config import Config
@@ -70,7 +75,7 @@ def _components(ctx, zero_stage: int, precision: str, seed: int = 0, auxiliary: 
     torch.manual_seed(seed)
     bundle = build_engine(cfg, build_backbone(cfg), 0.05, ctx.device, ctx.world_size)
     classifier = ShardedMarginClassifier(
-        NUM_CLASSES, DIM, margin=create_margin("cosface", scale=16.0, additive_margin=0.2), sample_rate=0.5,
+        NUM_CLASSES, DIM, margin=create_margin(margin, **MARGIN_OPTIONS[margin]), sample_rate=0.5,
         group=ctx.group, device=ctx.device, seed=seed, embedding_grad_scale=float(ctx.world_size))
     shard_optimizer = ShardOptimizer(classifier, name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
     aux = aux_optimizer = None
@@ -290,6 +295,7 @@ def test_poisoned_checkpoint_is_refused_by_every_entry_point(trained, tmp_path, 
     run, files = _poisoned_copy(trained, tmp_path / "run", marker)
     step = run / "checkpoints" / STEP
     config = tmp_path / "train.yaml"
+    before = _files(tmp_path)
     if entry == "train.resume: auto":
         config.write_text(yaml.safe_dump(_train_config(run, total_steps=4)))
         proc = _cli("train", "--config", str(config))
@@ -313,6 +319,16 @@ def test_poisoned_checkpoint_is_refused_by_every_entry_point(trained, tmp_path, 
     assert named, output[-3000:]  # the refusal names the file it refused
     assert "refused to load" in output and "could run code" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]  # one line, not a stack
+    # Nothing trained, exported or written after the refusal: no backbone.pt, ONNX file, new checkpoint or
+    # resharded state anywhere (a file created or changed shows as a new (path, size, mtime) entry).
+    written = sorted(path for path, _, _ in _files(tmp_path) - before if path != config.name)
+    assert written == [], written
+
+
+def _files(root: Path) -> set[tuple[str, int, int]]:
+    """``(path relative to root, size, mtime_ns)`` of every file under ``root``."""
+    return {(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
 
 
 def _poisoned_resume_worker(rank: int, world_size: int, trained: str, work: str) -> list:
@@ -397,17 +413,34 @@ def test_each_checkpoint_file_is_refused_on_every_rank(trained, tmp_path):
 # ---------------------------------------------------------------- a diverged state is never published
 
 
-def _injections(bundle, classifier, aux) -> list[tuple[str, torch.Tensor, tuple]]:
-    """``(name in the message, live tensor, index)`` for one value of each part of the state."""
+def _injections(bundle, classifier, shard_optimizer, aux, aux_optimizer) -> list[tuple[str, torch.Tensor, tuple]]:
+    """``(name in the message, live tensor, index)`` for one value of each part of the state: the backbone's
+    module, buffers, optimiser state and fp32 master partition, the class shard, its margin's state and its
+    optimiser, the centres and their optimiser."""
     from distrib_face.train import engine_state
 
     snapshot = engine_state.capture(bundle.engine, 0, bundle.engine.dp_world_size)
-    momentum = [(n, t) for n, t in snapshot.named_tensors() if n.endswith("momentum_buffer")][0]
+    named = list(snapshot.named_tensors())
+    momentum = [(n, t) for n, t in named if n.endswith("momentum_buffer")][0]
+    # bf16 ZeRO 2 keeps this rank's fp32 master partition apart from the bf16 module weights
+    master = bundle.engine.optimizer.single_partition_of_fp32_groups[0]
+    assert master.dtype == torch.float32 and bundle.engine.module.conv1.weight.dtype == torch.bfloat16
+    # (the checkpoint's copy on the last rank is a view without the partition's padding: same storage)
+    master_name = [n for n, t in named if t.data_ptr() == master.data_ptr()]
+    assert master_name == ["backbone optimizer.single_partition_of_fp32_groups[0]"], master_name
     aux_key, aux_tensor = next(iter(aux.state_dict().items()))
+    centres = next(p for group in aux_optimizer.param_groups for p in group["params"])
+    margin_state = [f"classifier {k}" for k, v in classifier.state_dict().items()
+                    if v.data_ptr() == classifier.margin.t.data_ptr()]
+    assert margin_state == ["classifier margin.t"], margin_state
     return [
         ("classifier weight", classifier.weight, (0, 1)),
         (momentum[0], momentum[1], (3,)),  # the live state: capture returns references
+        (master_name[0], master, (5,)),
         ("backbone bn1.running_var", bundle.engine.module.bn1.running_var, (2,)),
+        (margin_state[0], classifier.margin.t, ()),  # CurricularFace's EMA of the target cosine
+        ("classifier optimizer momentum_buffer", shard_optimizer.buffers["momentum_buffer"], (0, 1)),
+        ("auxiliary optimizer state[0].momentum_buffer", aux_optimizer.state[centres]["momentum_buffer"], (0, 0)),
         (f"auxiliary {aux_key}", aux_tensor, (0, 0)),
     ]
 
@@ -420,14 +453,14 @@ def _divergence_worker(rank: int, world_size: int, root: str, zero_stage: int, p
     from distrib_face.train.divergence import NonFiniteStateError, rollback_to_last_good
 
     ctx = init_distributed(device="cpu")
-    parts = _components(ctx, zero_stage, precision)
+    parts = _components(ctx, zero_stage, precision, margin="curricularface")
     bundle, classifier, shard_optimizer, aux, aux_optimizer = parts
     root = Path(root)
     _train(range(0, 2), ctx, *parts)
     good = _save(root, 2, ctx, *parts)
     continued = _train(range(2, 4), ctx, *parts)
     out: dict = {"refusals": [], "good": str(good)}
-    for name, tensor, index in _injections(bundle, classifier, aux):
+    for name, tensor, index in _injections(*parts):
         if rank == 0:  # a stale attempt at this step (a crash mid-write): the refusal removes it too
             (root / "step_000000004.tmp" / "engine").mkdir(parents=True, exist_ok=True)
         saved_value = tensor[index].clone()
@@ -493,6 +526,12 @@ def test_a_non_finite_state_is_never_published(tmp_path):
     # 3 ranks, the bad value on rank 1 only; bf16 ZeRO 2 (bf16 module tensors, a partitioned fp32 master).
     root = tmp_path / "checkpoints"
     results = run_world(_divergence_worker, 3, tmp_path, (str(root), 2, "bf16"))
+    injected = [r["expected"] for r in results[0]["refusals"]]
+    assert injected[:-1] == [
+        "classifier weight", "backbone optimizer.base_optimizer_state.state.0.momentum_buffer",
+        "backbone optimizer.single_partition_of_fp32_groups[0]", "backbone bn1.running_var", "classifier margin.t",
+        "classifier optimizer momentum_buffer", "auxiliary optimizer state[0].momentum_buffer"], injected
+    assert injected[-1].startswith("auxiliary ") and "centers" in injected[-1], injected
     for rank, out in enumerate(results):
         for refusal in out["refusals"]:
             # Every rank raised, and every rank's message names the tensor on rank 1 and the last good checkpoint.

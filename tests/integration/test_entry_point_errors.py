@@ -1,7 +1,8 @@
 """Every failure of the three entry points is one line on stderr and a documented exit code (docs/training.md).
 
 The real commands run as subprocesses: ``distrib-face train``, ``launch/train.py`` and ``launch/ray_job.py``
-(its checks run before Ray starts, so no cluster is needed). Faults: a bad value, missing shards, an output
+(its checks run before Ray starts, so no cluster is needed). Faults: a bad value, missing shards (the folder, or
+one shard its manifest names), an output
 folder that cannot be written (a file where a folder is expected, a path under /proc, a read-only folder
 when not root), an unusable MLflow store (a sqlite path under a file, an unreachable server whose URI holds
 a password), a small disk (``RLIMIT_FSIZE``, i.e. ``ulimit -f``, and a real full tmpfs where a mount
@@ -93,6 +94,77 @@ def test_bad_value_and_missing_shards(tmp_path, prog):
     _one_line(_run(prog, tmp_path, "optim.lr=-1"), prog, 2, "optim.lr must be > 0, got -1.0")
     missing = tmp_path / "no_such_shards"
     _one_line(_run(prog, tmp_path, "data.source=shards", f"data.shards={missing}"), prog, 2, "data.shards", str(missing))
+
+
+# Written into a folder put first on PYTHONPATH: at exit, the command's process writes the names of the modules
+# it imported. Without distrib_face.parallel (the one package that sets up a process group) and deepspeed there
+# was no process group, engine or training worker; without ray no cluster was joined or started; without the
+# loader no reader process. (torch.distributed itself is no sign: ``import torch`` imports it.)
+_WORKER_MODULES = frozenset({"distrib_face.parallel", "deepspeed", "ray", "distrib_face.data.loader"})
+_RECORD_MODULES = """
+import atexit, os, sys
+
+def _record():
+    with open(os.environ["DISTRIB_FACE_TEST_MODULES"], "w") as handle:
+        handle.write("\\n".join(sorted(sys.modules)))
+
+atexit.register(_record)
+"""
+
+
+def _recording_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    site = tmp_path / "record_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_RECORD_MODULES)
+    record = tmp_path / "modules.txt"
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "DISTRIB_FACE_TEST_MODULES": str(record)}, record
+
+
+@pytest.mark.parametrize("prog", COMMANDS)
+def test_a_missing_shard_is_found_before_any_worker_starts(tmp_path, prog):
+    """The manifest names part-000004.tar, which is not on disk: the preflight says so (exit 2, one line)
+    before a process group, a reader or Ray starts; the loader would only find it inside the workers."""
+    from distrib_face.data.testing import write_indexed_shards
+
+    shards = tmp_path / "shards"
+    write_indexed_shards(shards, [2] * 5)
+    (shards / "part-000004.tar").unlink()
+    env, record = _recording_env(tmp_path)
+    # ray_job.py gets an address where nothing listens: were the check to come too late, it would fail to
+    # connect instead of starting a local cluster on this shared machine
+    extra = ("--address", f"127.0.0.1:{free_port()}") if prog == "ray_job.py" else ()
+    proc = _run(prog, tmp_path, "data.source=shards", f"data.shards={shards}", "data.image_size=16", extra=extra,
+                env=env)
+    line = _one_line(proc, prog, 2, "data.shards: part-000004.tar is missing", str(shards / "part-000004.tar"),
+                     str(shards / "manifest.json"), "data.allow_missing_shards")
+    assert "more" not in line  # the only missing one
+    modules = set(record.read_text().split())
+    assert "distrib_face.cli.train" in modules  # the record is the command's own
+    assert not modules & _WORKER_MODULES, modules & _WORKER_MODULES
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_shard_check_counts_the_missing_and_respects_allow_missing_shards(tmp_path):
+    from distrib_face.cli.train import check_shard_files
+    from distrib_face.data.testing import write_indexed_shards
+
+    shards = tmp_path / "shards"
+    write_indexed_shards(shards, [2] * 6)
+    check_shard_files(shards)  # all there
+    for index in (1, 2, 4):
+        (shards / f"part-00000{index}.tar").unlink()
+    (shards / "part-000003.tar").unlink()
+    (shards / "part-000003.tar").mkdir()  # a folder where a shard should be is no shard
+    with pytest.raises(FileNotFoundError) as caught:
+        check_shard_files(shards / "manifest.json")
+    assert str(caught.value).startswith("data.shards: part-000001.tar is missing: ")
+    assert "(and 3 more: part-000002.tar, part-000003.tar, part-000004.tar)" in str(caught.value)
+    check_shard_files(shards, allow_missing=True)  # the loader trains on the rest (and says which are missing)
+    for index in (0, 5):
+        (shards / f"part-00000{index}.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="all 6 shards listed in .* are missing"):
+        check_shard_files(shards, allow_missing=True)
 
 
 @pytest.mark.parametrize("prog", COMMANDS)
