@@ -53,6 +53,14 @@ import numpy as np
 
 from distrib_face.atomic import write_bytes, write_json
 
+
+class ManifestError(ValueError):
+    """A shard manifest (or its class table) that cannot be used: the message names the file and the field.
+    Bad input, so the commands exit 2 (``exit_code``, :mod:`distrib_face.cli.errors`)."""
+
+    exit_code = 2
+
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "distrib_face.shards/2"
 FORMAT_V1 = "distrib_face.shards/1"
@@ -145,40 +153,40 @@ class Manifest:
     def _validate(self) -> None:
         where = self._where()
         if self.num_classes < 1:
-            raise ValueError(f"{where}: num_classes must be >= 1, got {self.num_classes}")
+            raise ManifestError(f"{where}: num_classes must be >= 1, got {self.num_classes}")
         if self.num_samples < 0:
-            raise ValueError(f"{where}: num_samples must be >= 0, got {self.num_samples}")
+            raise ManifestError(f"{where}: num_samples must be >= 0, got {self.num_samples}")
         if len(self.shards) != len(self.shard_counts):
-            raise ValueError(f"{where}: {len(self.shards)} shards but {len(self.shard_counts)} shard counts")
+            raise ManifestError(f"{where}: {len(self.shards)} shards but {len(self.shard_counts)} shard counts")
         bad = next((i for i, c in enumerate(self.shard_counts) if c < 0), None)
         if bad is not None:
-            raise ValueError(f"{where}: shards[{bad}].count must be >= 0, got {self.shard_counts[bad]} "
+            raise ManifestError(f"{where}: shards[{bad}].count must be >= 0, got {self.shard_counts[bad]} "
                              f"({_basename(self.shards[bad])})")
         _check_class_counts(self.class_counts, where)
         names = [_basename(p) for p in self.shards]
         if len(set(names)) != len(names):
             dup = next(n for n, k in Counter(names).items() if k > 1)
-            raise ValueError(f"{where}: shards lists {dup!r} twice")
+            raise ManifestError(f"{where}: shards lists {dup!r} twice")
         if sum(self.shard_counts) != self.num_samples:
-            raise ValueError(
+            raise ManifestError(
                 f"{where}: num_samples={self.num_samples} but the shard counts sum to {sum(self.shard_counts)}"
             )
         if len(self.class_counts) != self.num_classes:
-            raise ValueError(
+            raise ManifestError(
                 f"{where}: num_classes={self.num_classes} but class_counts has {len(self.class_counts)} entries"
             )
         total = int(self.class_counts.sum())
         if total != self.num_samples:
-            raise ValueError(f"{where}: num_samples={self.num_samples} but the class counts sum to {total}")
+            raise ManifestError(f"{where}: num_samples={self.num_samples} but the class counts sum to {total}")
         self._names.validate(self.num_classes, where)
         for name, values in (("sha256", self.shard_hashes), ("bytes", self.shard_bytes)):
             if values and len(values) != len(self.shards):
-                raise ValueError(f"{where}: {len(values)} shard {name} values for {len(self.shards)} shards")
+                raise ManifestError(f"{where}: {len(values)} shard {name} values for {len(self.shards)} shards")
         if any(b < 0 for b in self.shard_bytes):
-            raise ValueError(f"{where}: a shard's bytes is negative")
+            raise ManifestError(f"{where}: a shard's bytes is negative")
         if self.image_size is not None:
             if len(self.image_size) != 2 or not all(int(v) >= 1 for v in self.image_size):
-                raise ValueError(f"{where}: image_size must be [H, W] with H, W >= 1, got {list(self.image_size)}")
+                raise ManifestError(f"{where}: image_size must be [H, W] with H, W >= 1, got {list(self.image_size)}")
             self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     # ------------------------------------------------------------------------------------------ copies
@@ -272,10 +280,10 @@ class _Names:
         if self._label_map is not None:
             bad = next((k for k, v in self._label_map.items() if not 0 <= v < num_classes), None)
             if bad is not None:
-                raise ValueError(f"{where}: label_map[{bad!r}]={self._label_map[bad]} is outside "
+                raise ManifestError(f"{where}: label_map[{bad!r}]={self._label_map[bad]} is outside "
                                  f"[0, num_classes={num_classes})")
         if self._class_names is not None and len(self._class_names) != num_classes:
-            raise ValueError(f"{where}: {len(self._class_names)} class names for num_classes={num_classes}")
+            raise ManifestError(f"{where}: {len(self._class_names)} class names for num_classes={num_classes}")
 
     def class_names(self) -> list[str]:
         if self._class_names is None:
@@ -301,9 +309,9 @@ class _Names:
         names = [""] * self.num_classes
         for name, label in self._label_map.items():
             if not name:
-                raise ValueError(f"{where}: label_map has an empty identity name (label {label})")
+                raise ManifestError(f"{where}: label_map has an empty identity name (label {label})")
             if names[label]:
-                raise ValueError(f"{where}: label_map maps both {names[label]!r} and {name!r} to label {label}; "
+                raise ManifestError(f"{where}: label_map maps both {names[label]!r} and {name!r} to label {label}; "
                                  "format 2 holds one name per label")
             names[label] = name
         return names
@@ -340,7 +348,7 @@ def _counts_array(values: Sequence[int] | np.ndarray) -> np.ndarray:
     if array.size == 0:
         array = array.astype(np.int64)
     if array.dtype.kind not in "iu" or array.ndim != 1:
-        raise ValueError(f"class_counts must be a list of integers, got {array.dtype} of shape {list(array.shape)}")
+        raise ManifestError(f"class_counts must be a list of integers, got {array.dtype} of shape {list(array.shape)}")
     array = array.astype(np.int64, copy=array.dtype != np.int64 or array.flags.writeable)
     array.flags.writeable = False
     return array
@@ -350,7 +358,7 @@ def _check_class_counts(counts: np.ndarray, where: str) -> None:
     negative = np.flatnonzero(counts < 0)
     if negative.size:
         first = int(negative[0])
-        raise ValueError(f"{where}: class_counts[{first}] must be >= 0, got {int(counts[first])}")
+        raise ManifestError(f"{where}: class_counts[{first}] must be >= 0, got {int(counts[first])}")
 
 
 def _decode_names(offsets: np.ndarray, data: np.ndarray, where: str) -> list[str]:
@@ -367,7 +375,7 @@ def _decode_names(offsets: np.ndarray, data: np.ndarray, where: str) -> list[str
         try:
             names.append(blob[a:b].decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{where}: the name of label {label} is not UTF-8: {err}") from err
+            raise ManifestError(f"{where}: the name of label {label} is not UTF-8: {err}") from err
     return names
 
 
@@ -397,7 +405,7 @@ def _read_raw(location: str) -> bytes:
         try:
             import fsspec
         except ImportError as err:  # pragma: no cover - fsspec ships with the stack
-            raise ValueError(f"{location}: reading {scheme}:// needs fsspec") from err
+            raise ManifestError(f"{location}: reading {scheme}:// needs fsspec") from err
         with fsspec.open(location, "rb") as handle:
             return handle.read()
     return Path(location).read_bytes()
@@ -436,30 +444,30 @@ def read_manifest(dir_or_file: str | os.PathLike) -> Manifest:
     except OSError as err:
         raise FileNotFoundError(f"{location}: cannot read the shard manifest: {err}") from err
     except UnicodeDecodeError as err:
-        raise ValueError(f"{location}: not JSON: {err}") from err
+        raise ManifestError(f"{location}: not JSON: {err}") from err
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{location}: not JSON: {err}") from err
+        raise ManifestError(f"{location}: not JSON: {err}") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"{location}: expected a JSON object, got {type(raw).__name__}")
+        raise ManifestError(f"{location}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{location}: format {raw.get('format')!r} is not one of {list(READABLE_FORMATS)}")
+        raise ManifestError(f"{location}: format {raw.get('format')!r} is not one of {list(READABLE_FORMATS)}")
     base = location.rsplit("/", 1)[0] if "/" in location else "."
     table_field = "class_counts" if raw["format"] == FORMAT_V1 else "classes"
     for key in ("num_classes", "num_samples", "shards", table_field):
         if key not in raw:
-            raise ValueError(f"{location}: missing field '{key}'")
+            raise ManifestError(f"{location}: missing field '{key}'")
     shards = raw["shards"]
     if not isinstance(shards, list) or not all(isinstance(e, dict) for e in shards):
-        raise ValueError(f"{location}: shards must be a list of {{name, count}} objects")
+        raise ManifestError(f"{location}: shards must be a list of {{name, count}} objects")
     for i, entry in enumerate(shards):
         if not _is_file_name(entry.get("name")):
-            raise ValueError(f"{location}: shards[{i}].name must be a file name beside the manifest, "
+            raise ManifestError(f"{location}: shards[{i}].name must be a file name beside the manifest, "
                              f"got {entry.get('name')!r}")
     image_size = raw.get("image_size")
     if image_size is not None and (not isinstance(image_size, list) or len(image_size) != 2):
-        raise ValueError(f"{location}: image_size must be [H, W] or null, got {image_size!r}")
+        raise ManifestError(f"{location}: image_size must be [H, W] or null, got {image_size!r}")
     fields: dict[str, Any] = dict(
         num_classes=_integer(raw["num_classes"], "num_classes", location),
         num_samples=_integer(raw["num_samples"], "num_samples", location),
@@ -474,13 +482,13 @@ def read_manifest(dir_or_file: str | os.PathLike) -> Manifest:
         if all("bytes" in e for e in shards) else [],
     )
     if fields["num_classes"] < 1:
-        raise ValueError(f"{location}: num_classes must be >= 1, got {fields['num_classes']}")
+        raise ManifestError(f"{location}: num_classes must be >= 1, got {fields['num_classes']}")
     if raw["format"] == FORMAT_V1:
         if not isinstance(raw["class_counts"], list):
-            raise ValueError(f"{location}: class_counts must be a list")
+            raise ManifestError(f"{location}: class_counts must be a list")
         label_map = raw.get("label_map", {})
         if not isinstance(label_map, dict):
-            raise ValueError(f"{location}: label_map must be an object {{name: label}}")
+            raise ManifestError(f"{location}: label_map must be an object {{name: label}}")
         return Manifest(
             class_counts=[_integer(c, f"class_counts[{i}]", location) for i, c in enumerate(raw["class_counts"])],
             label_map={str(k): _integer(v, f"label_map[{k!r}]", location) for k, v in label_map.items()},
@@ -501,13 +509,13 @@ def _read_class_table(entry: Any, base: str, location: str, num_classes: int
                       ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """Read and check a format-2 class table: ``(its location, class_counts, name_offsets, name_bytes)``."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{location}: classes must be an object {{name, bytes, sha256}}, got {entry!r}")
+        raise ManifestError(f"{location}: classes must be an object {{name, bytes, sha256}}, got {entry!r}")
     if not _is_file_name(entry.get("name")):
-        raise ValueError(f"{location}: classes.name must be a file name beside the manifest, got {entry.get('name')!r}")
+        raise ManifestError(f"{location}: classes.name must be a file name beside the manifest, got {entry.get('name')!r}")
     size = _integer(entry.get("bytes"), "classes.bytes", location)
     digest = entry.get("sha256")
     if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-        raise ValueError(f"{location}: classes.sha256 must be 64 lower-case hex digits, got {digest!r}")
+        raise ManifestError(f"{location}: classes.sha256 must be 64 lower-case hex digits, got {digest!r}")
     table = f"{base}/{entry['name']}"
     try:
         data = _read_raw(table)
@@ -516,39 +524,39 @@ def _read_class_table(entry: Any, base: str, location: str, num_classes: int
     except OSError as err:
         raise FileNotFoundError(f"{table}: cannot read the class table named by {location}: {err}") from err
     if len(data) != size:
-        raise ValueError(f"{table}: {len(data)} bytes but {location} says classes.bytes={size}")
+        raise ManifestError(f"{table}: {len(data)} bytes but {location} says classes.bytes={size}")
     if hashlib.sha256(data).hexdigest() != digest:
-        raise ValueError(f"{table}: SHA-256 differs from classes.sha256 in {location} (damaged or replaced)")
+        raise ManifestError(f"{table}: SHA-256 differs from classes.sha256 in {location} (damaged or replaced)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             missing = [key for key in _TABLE_KEYS if key not in npz.files]
             if missing:
-                raise ValueError(f"{table}: missing array(s) {missing}")
+                raise ManifestError(f"{table}: missing array(s) {missing}")
             counts, offsets, name_bytes = (npz[key] for key in _TABLE_KEYS)
     except ValueError as err:  # also numpy's refusal of a pickled (object) array
-        raise ValueError(f"{table}: not a class table: {err}") from err
+        raise ManifestError(f"{table}: not a class table: {err}") from err
     except (OSError, EOFError, KeyError) as err:
-        raise ValueError(f"{table}: not a class table: {err}") from err
+        raise ManifestError(f"{table}: not a class table: {err}") from err
     for key, array, kinds, shape in (("class_counts", counts, "iu", (num_classes,)),
                                      ("name_offsets", offsets, "iu", (num_classes + 1,)),
                                      ("name_bytes", name_bytes, "u", None)):
         if array.dtype.kind not in kinds or array.ndim != 1:
-            raise ValueError(f"{table}: {key} must be a 1-d integer array, got {array.dtype} of shape "
+            raise ManifestError(f"{table}: {key} must be a 1-d integer array, got {array.dtype} of shape "
                              f"{list(array.shape)}")
         if shape is not None and array.shape != shape:
-            raise ValueError(f"{table}: {key} has {array.shape[0]} entries for num_classes={num_classes} "
+            raise ManifestError(f"{table}: {key} has {array.shape[0]} entries for num_classes={num_classes} "
                              f"(expected {shape[0]})")
     _check_class_counts(counts, table)
     offsets = offsets.astype(np.int64, copy=False)
     if offsets[0] != 0 or offsets[-1] != name_bytes.size or (np.diff(offsets) < 0).any():
-        raise ValueError(f"{table}: name_offsets must rise from 0 to the {name_bytes.size} name bytes")
+        raise ManifestError(f"{table}: name_offsets must rise from 0 to the {name_bytes.size} name bytes")
     return table, counts, offsets, name_bytes.astype(np.uint8, copy=False)
 
 
 def _integer(value: Any, field_name: str, location: str) -> int:
     """``value`` as an int, or a ValueError naming the field (no floats, strings or booleans)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{location}: {field_name} must be an integer, got {value!r}")
+        raise ManifestError(f"{location}: {field_name} must be an integer, got {value!r}")
     return value
 
 

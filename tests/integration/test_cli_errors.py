@@ -44,6 +44,20 @@ def _workspace(root: Path) -> dict[str, Path]:
     embeddings = save_embeddings(root / "emb.npz", EmbeddingSet(
         embeddings=vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels=np.arange(4),
         names=[f"img{i}" for i in range(4)]))
+    # a shard folder whose manifest is inconsistent (a negative sample count): refused, the field named
+    import json
+    import shutil
+
+    bad = shutil.copytree(shards, root / "bad_manifest")
+    raw = json.loads((bad / "manifest.json").read_text())
+    raw["num_samples"] = -3
+    (bad / "manifest.json").write_text(json.dumps(raw))
+    (root / "train_bad_manifest.yaml").write_text(
+        f"data: {{shards: {bad}, image_size: 32}}\n"
+        "model: {backbone: iresnet_tiny, embedding_size: 8}\n"
+        "train: {total_steps: 2}\n"
+        "tracking: {enabled: false}\n"
+    )
     config = root / "train.yaml"
     config.write_text(
         f"data: {{shards: {root / 'not_made_yet'}, image_size: 32}}\n"
@@ -53,13 +67,16 @@ def _workspace(root: Path) -> dict[str, Path]:
     )
     return {"root": root, "shards": shards, "manifest": shards / "manifest.json", "pairs": pairs,
             "step": step, "checkpoints": root / "run" / "checkpoints", "config": config, "empty": root / "empty",
-            "embeddings": embeddings}
+            "embeddings": embeddings, "bad_config": root / "train_bad_manifest.yaml",
+            "bad_manifest": bad / "manifest.json"}
 
 
 # (id, argv with {placeholders}, a text the one line must contain)
 CASES = [
     ("train-before-synth", ["train", "--config", "{config}"], "not_made_yet"),
     ("train-missing-config", ["train", "--config", "{root}/nope.yaml"], "nope.yaml"),
+    ("train-on-an-inconsistent-manifest", ["train", "--config", "{bad_config}"], "num_samples"),
+    ("data-verify-an-inconsistent-manifest", ["data", "verify", "{bad_manifest}"], "num_samples"),
     ("config-show-bad-value", ["config", "show", "--config", "{config}", "--set", "optim.lr=-1"], "optim.lr"),
     ("reshard-step-without-shards", ["reshard", "{step}", "{root}/resharded", "--world-size", "1"], "step_000000004"),
     ("reshard-missing", ["reshard", "{root}/nope", "{root}/out", "--world-size", "1"], "nope"),
