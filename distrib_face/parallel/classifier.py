@@ -38,11 +38,11 @@ from distrib_face.parallel.context import group_rank_and_size
 from distrib_face.parallel.kernels import (
     check_kernel,
     filter_threshold,
-    linear_margin_logsumexp,
+    linear_negative_logsumexp,
     require_triton,
     resolve_kernel,
 )
-from distrib_face.parallel.linear_lse import ChunkSpec, LinearNegativeLogSumExp, Workspace
+from distrib_face.parallel.linear_lse import ChunkSpec, Workspace
 from distrib_face.parallel.rows import gather_rows, scatter_rows_
 from distrib_face.parallel.sampling import (
     new_marker,
@@ -665,15 +665,14 @@ class ShardedMarginClassifier(nn.Module):
         num_rows = embeddings.shape[0]
         linear_scale = self.margin.linear_scale if self.fast_path else None
         fast = linear_scale is not None and k == 1 and not self.bias_columns
-        # The torch fast path owns the target cosines' gradient too; the fused Triton kernels take the
-        # target logits as an input (their own contract), so with them the target goes through autograd.
+        # Both fast paths (torch, triton) own the target cosines' gradient: computed here without autograd,
+        # echoed by the Function, whose backward adds their O(B x D) share to the target rows' gradient.
         kernel = self._kernel_for(embeddings, weight) if fast else "torch"
-        fused = fast and kernel == "torch"
         rows_t = torch.where(owned, target_col, 0)  # [B]: a valid row everywhere; masked where not owned
 
-        if fused:
+        if fast:
             # Target cosines first, without autograd (the margin's statistics need them before any logit);
-            # their gradient is LinearNegativeLogSumExp's, which echoes them.
+            # their gradient is the Function's (LinearNegativeLogSumExp or its Triton twin), which echoes them.
             with torch.no_grad():
                 w_t = weight.index_select(0, rows_t).to(stat_dtype)  # [B, D]
                 w_norms = w_t.norm(dim=1).clamp_min(_EPS)  # [B]
@@ -695,21 +694,17 @@ class ShardedMarginClassifier(nn.Module):
         ))
         mctx = MarginContext(feature_norms=norms, labels=labels, target_cos=cos_all, weight_norms=w_norms)
 
-        if fused:
+        if fast:
             workspace = None if torch.compiler.is_compiling() else self._workspace
-            negative_lse, cos_target = LinearNegativeLogSumExp.apply(
-                embeddings, weight, cos_target, target_col, linear_scale, self.chunks, workspace,
+            negative_lse, cos_target = linear_negative_logsumexp(
+                kernel, embeddings, weight, cos_target, target_col, linear_scale, self.chunks, workspace,
+                grad_filter=self.grad_filter,
             )
         # The owner of each row's class computes its target logit; the sum over ranks replicates it.
         target_local = torch.where(owned, self.margin.target_logit(cos_target, mctx).to(stat_dtype), 0.0)
         target_logits = all_reduce_sum_replicated_grad(target_local, self.group)  # [B]
-        if fused:
+        if fast:
             lse = torch.logaddexp(target_logits, negative_lse)
-        elif fast:  # the fused Triton kernels (kernels.linear_margin_logsumexp dispatches)
-            lse = linear_margin_logsumexp(
-                kernel, embeddings, weight, target_logits, target_col, linear_scale, self.chunks,
-                grad_filter=self.grad_filter,
-            )
         else:
             lse = _ShardedNegativeLogSumExp.apply(
                 embeddings, weight, target_logits, target_col, self.margin, neg_ctx, k, self.chunks,

@@ -120,6 +120,37 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def add_target_cosine_grad_(
+    grad_unit: Tensor | None,
+    grad_weight: Tensor | None,
+    x_unit: Tensor,
+    weight: Tensor,
+    inv_wnorm: Tensor,
+    target_cos: Tensor,
+    target_col: Tensor,
+    grad_cos: Tensor,
+) -> None:
+    """Add the gradient of each row's target cosine ``cos_i = u_i . w_t r_t`` to ``dL/du`` and ``dL/dW``, in place.
+
+    ``grad_unit`` ``[B, D]`` (``dL/du``, ``u = x / ||x||``) and ``grad_weight`` ``[R, D]`` (either ``None``: not
+    wanted), ``x_unit`` ``[B, D]``, the rows ``[R, D]``, ``inv_wnorm = 1 / ||w_c||`` ``[R]`` (its dtype is the
+    arithmetic's), the target cosines and their upstream gradient ``[B]``, the local target columns ``[B]``
+    (``-1``: the class is on another rank, the row adds nothing). With ``w^ = w_t r_t``:
+    ``d cos / d u = w^`` and ``d cos / d w_t = r_t (u - cos w^)``. ``O(B x D)``: the weight gradient gets a
+    ``[B, D]`` block accumulated into its target rows (duplicates summed), never a second dense gradient.
+    """
+    here = target_col >= 0
+    rows_t = torch.where(here, target_col, 0)  # [B]
+    g_cos = torch.where(here, grad_cos, torch.zeros_like(grad_cos))  # [B]
+    r_t = inv_wnorm.gather(0, rows_t)  # [B]
+    w_hat = _cast(weight.index_select(0, rows_t), inv_wnorm.dtype) * r_t[:, None]  # [B, D]
+    if grad_unit is not None:
+        grad_unit.addcmul_(w_hat, g_cos[:, None])
+    if grad_weight is not None:
+        target_grad = (x_unit - target_cos[:, None] * w_hat) * (g_cos * r_t)[:, None]  # [B, D]
+        grad_weight.index_put_((rows_t,), _cast(target_grad, grad_weight.dtype), accumulate=True)
+
+
 class LinearNegativeLogSumExp(torch.autograd.Function):
     """``(log sum over all ranks' non-target classes of exp(s cos_ij), target cosines)`` with an analytic backward.
 
@@ -228,16 +259,7 @@ class LinearNegativeLogSumExp(torch.autograd.Function):
                 if not exact:
                     grad_weight[c0:c1].copy_(first)
         grad_unit.mul_(sign[:, None])
-        # The target cosines: cos_i = u_i . w_t r_t on the rank owning row i's class.
-        here = target_col >= 0
-        rows_t = torch.where(here, target_col, 0)  # [B]
-        g_cos = torch.where(here, grad_cos, torch.zeros_like(grad_cos))  # [B]
-        r_t = inv_wnorm.gather(0, rows_t)  # [B]
-        w_hat = _cast(weight.index_select(0, rows_t), stat_dtype) * r_t[:, None]  # [B, D]
-        grad_unit.addcmul_(w_hat, g_cos[:, None])
-        if grad_weight is not None:
-            target_grad = (x_unit - target_cos[:, None] * w_hat) * (g_cos * r_t)[:, None]  # [B, D]
-            grad_weight.index_put_((rows_t,), _cast(target_grad, grad_weight.dtype), accumulate=True)
+        add_target_cosine_grad_(grad_unit, grad_weight, x_unit, weight, inv_wnorm, target_cos, target_col, grad_cos)
         # Through u = x / ||x||: (I - u u^T) g / ||x||.
         grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
         return grad_emb, grad_weight, None, None, None, None, None, None

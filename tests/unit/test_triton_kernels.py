@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distrib_face.parallel import ShardedMarginClassifier
 from distrib_face.parallel.linear_lse import ChunkSpec, LinearMarginLogSumExp
@@ -304,3 +305,76 @@ def test_the_config_reaches_the_classifier():
     assert (clf.kernel, clf.grad_filter) == ("triton", "auto")
     assert build_classifier(Config.from_dict({"data": {"source": "random"}, "train": {"total_steps": 1}}), 50,
                             ProcessContext())[0].kernel == "auto"
+
+
+def _weight_grad_producers(loss: torch.Tensor, rows: torch.Tensor) -> tuple[list[str], set[str]]:
+    """The autograd nodes whose edges reach ``rows``' AccumulateGrad, and every node name of the graph."""
+    producers, names, seen, stack = [], set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        for child, _ in node.next_functions:
+            if child is not None and getattr(child, "variable", None) is rows:
+                producers.append(node.name())
+            stack.append(child)
+    return producers, names
+
+
+class _WeightSizedOps(TorchDispatchMode):
+    """Records the aten ops that return a tensor of ``numel`` elements (the rows' gradient, in any view)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.ndim >= 2 and out.numel() == self.numel:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize(("sample_rate", "dtype"), [(1.0, torch.float32), (0.4, torch.float32),
+                                                    (1.0, torch.bfloat16)])
+def test_triton_path_adds_the_target_rows_gradient_without_a_dense_gather(sample_rate, dtype):
+    """The classifier's target cosines reach the weights inside the fused Function (as on the torch path):
+    the rows' gradient has exactly one producer, no ``IndexBackward`` gathers the target rows, and no op of
+    the backward zero-fills a weight-shaped tensor or adds two of them (what autograd's gather of the target
+    rows cost: a dense ``[C, D]`` gradient summed with the kernel's). The result still equals the torch
+    path's, which owns the target cosines' gradient the same way (arcface, theta + m > pi included)."""
+    gen = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    labels[::7] = labels[0]  # a class that is the target of several rows: its gradient is accumulated
+    emb = torch.randn(B, D, generator=gen) * 3.0
+    results = {}
+    for kernel in ("triton", "torch"):
+        clf = ShardedMarginClassifier(C, D, margin="arcface", sample_rate=sample_rate, seed=3, dtype=dtype,
+                                      chunk_size=50, kernel=kernel)
+        with torch.no_grad():  # theta + m > pi for two rows
+            emb[1:3] = -clf.weight[labels[1:3]].float() * 500.0
+        local = emb.clone().requires_grad_(True)
+        loss = clf(local, labels)
+        index, rows = clf.active_rows()
+        producers, names = _weight_grad_producers(loss, rows)
+        ops = _WeightSizedOps(rows.numel())
+        with ops:
+            loss.backward()
+        if kernel == "triton":
+            dense = [op for op in ops.ops if op in ("zeros", "new_zeros", "zeros_like", "zero_", "fill_", "add",
+                                                     "add_", "index_put")]
+            assert not dense, ops.ops
+            assert ops.ops.count("empty_like") == 1, ops.ops  # the kernel's gradient, the only one
+            assert "index_put_" in ops.ops  # the target rows' [B, D] block, accumulated into it in place
+            assert producers == ["TritonLinearNegativeLogSumExpBackward"], producers
+            assert not any(name.startswith("Index") for name in names), sorted(names)
+        results[kernel] = (loss.detach(), local.grad, rows.grad.float(), index)
+    fused, reference = results["triton"], results["torch"]
+    if sample_rate < 1:
+        assert torch.equal(fused[3], reference[3])
+    # fp32: the same math to rounding; bf16 rows: both gradients are rounded to bf16 (one unit apart at most)
+    tolerance = 1e-4 if dtype == torch.float32 else 2**-7
+    for name, got, want in zip(("loss", "d embeddings", "d weight"), fused[:3], reference[:3]):
+        assert _rel(got, want) < tolerance, (name, dtype, _rel(got, want))

@@ -2,9 +2,10 @@
 
 ``kernel`` (``ShardedMarginClassifier(kernel=...)``, ``loss.kernel``):
 
-- ``"torch"``: :class:`~distrib_face.parallel.linear_lse.LinearMarginLogSumExp`, chunked matmuls (any device).
-- ``"triton"``: :class:`~distrib_face.parallel.kernels.triton_lse.TritonLinearMarginLogSumExp`, fused Triton
-  kernels that never write a ``[B, chunk]`` block to memory. CUDA tensors, or CPU tensors through Triton's
+- ``"torch"``: :class:`~distrib_face.parallel.linear_lse.LinearNegativeLogSumExp` (and
+  ``LinearMarginLogSumExp`` built on it), chunked matmuls (any device).
+- ``"triton"``: :class:`~distrib_face.parallel.kernels.triton_lse.TritonLinearNegativeLogSumExp` (and
+  ``TritonLinearMarginLogSumExp``), fused Triton kernels that never write a ``[B, chunk]`` block to memory. CUDA tensors, or CPU tensors through Triton's
   interpreter (``TRITON_INTERPRET=1`` before triton is imported: how the tests run it). Asking for it
   without the ``triton`` package, or for inputs it cannot take, is an error that says why.
 - ``"auto"`` (default): ``"triton"`` for CUDA weights when triton is importable and the inputs suit it,
@@ -24,7 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distrib_face.parallel.linear_lse import ChunkSpec, LinearMarginLogSumExp
+from distrib_face.parallel.linear_lse import (
+    ChunkSpec,
+    LinearMarginLogSumExp,
+    LinearNegativeLogSumExp,
+    Workspace,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,4 +142,33 @@ def linear_margin_logsumexp(
     options = kernels.KernelOptions(filter_eps=filter_threshold(grad_filter, chunks.compute_dtype))
     return kernels.TritonLinearMarginLogSumExp.apply(
         embeddings, weight, target_logits, target_col, scale, chunks, valid, options
+    )
+
+
+def linear_negative_logsumexp(
+    kernel: str,
+    embeddings: Tensor,
+    weight: Tensor,
+    target_cos: Tensor,
+    target_col: Tensor,
+    scale: float,
+    chunks: ChunkSpec,
+    workspace: Workspace | None = None,
+    valid: Tensor | None = None,
+    grad_filter: float | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(non-target log-sum-exp [B], target cosines [B])`` by ``kernel``, the target cosines' gradient owned.
+
+    The arguments are those of :class:`~distrib_face.parallel.linear_lse.LinearNegativeLogSumExp` (the
+    ``workspace`` serves the torch path only) plus ``grad_filter`` (the fused backward's tile filter; the
+    torch path is always exact and ignores it). Either way the target cosines (computed without autograd)
+    are echoed and their gradient reaches the embeddings and the target rows inside the Function.
+    """
+    if resolve_kernel(kernel, embeddings, weight, chunks.compute_dtype) == "torch":
+        return LinearNegativeLogSumExp.apply(embeddings, weight, target_cos, target_col, scale, chunks, workspace,
+                                             valid)
+    kernels = _kernels()
+    options = kernels.KernelOptions(filter_eps=filter_threshold(grad_filter, chunks.compute_dtype))
+    return kernels.TritonLinearNegativeLogSumExp.apply(
+        embeddings, weight, target_cos, target_col, scale, chunks, valid, options
     )

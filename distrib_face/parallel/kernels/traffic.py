@@ -23,10 +23,10 @@ product with the raw block 12 and its matrix-vector read 4). The target mask is 
 
 fused kernels (:mod:`~distrib_face.parallel.kernels.triton_lse`), per weight element
 (:func:`fused_weight_bytes`): the weights read by the forward, by the embedding-gradient kernel and by the
-weight-gradient kernel, and the gradient written once (``4w``); plus autograd's gradient of the target
-rows, which on this path go through ``weight[rows_t]`` (the classifier's target cosines): a zero-filled
-dense ``[C, D]`` gradient (``w``) summed with the kernel's (``2w`` read, ``w`` written), ``4w`` more.
-Per class ``1 / ||w_c||`` written once and read twice (12 bytes); the ``[splits, B, D]`` float32 partials
+weight-gradient kernel, and the gradient written once (``4w``). The target rows' gradient (the classifier's
+target cosines, echoed by ``TritonLinearNegativeLogSumExp`` as on the torch path) is a ``[B, D]`` block
+accumulated into the kernel's gradient, ``O(B x D)``, left out; before it was, autograd's ``weight[rows_t]``
+zero-filled a dense ``[C, D]`` gradient and summed it with the kernel's, ``4w`` more. Per class ``1 / ||w_c||`` written once and read twice (12 bytes); the ``[splits, B, D]`` float32 partials
 of the embedding gradient written and read (``8 x splits x B x D``).
 
 both: the update of the rows (:func:`update_bytes`, :class:`~distrib_face.parallel.optim.ShardOptimizer`,
@@ -80,8 +80,8 @@ def torch_weight_bytes(w: int) -> int:
 
 
 def fused_weight_bytes(w: int) -> int:
-    """Bytes per weight element of the fused kernels (``4w``) and of autograd's target-row gradient (``4w``)."""
-    return 4 * w + 4 * w
+    """Bytes per weight element of the fused kernels: three reads of the rows, one write of the gradient."""
+    return 4 * w
 
 
 def update_bytes(w: int, rounding: str = "stochastic") -> int:

@@ -1,6 +1,8 @@
 """Fused Triton kernels for the margin softmax whose non-target logits are ``s * cos``.
 
-Same contract as :class:`distrib_face.parallel.linear_lse.LinearMarginLogSumExp` (a drop-in), different
+Same contracts as :class:`distrib_face.parallel.linear_lse.LinearNegativeLogSumExp` (the classifier's: the
+non-target log-sum-exp, with each row's target cosine echoed and its gradient owned) and
+:class:`~distrib_face.parallel.linear_lse.LinearMarginLogSumExp` (built on it with ``logaddexp``), different
 memory traffic: no ``[B, chunk]`` logit block ever reaches global memory. With ``u = x / ||x||`` (``[B, D]``,
 cast once to the compute dtype), ``r_c = 1 / ||w_c||`` and ``raw = u W^T``:
 
@@ -19,6 +21,8 @@ backward, two kernels that recompute ``raw`` tile by tile from the saved ``[B]``
     ``[B_block, D]`` partial per split; the partials are summed (``[splits, B, D]``, small).
     ``_grad_weight_kernel``, grid ``(class blocks)``: each program owns its rows and loops over the B
     blocks: ``dW_c = sum_b G_bc u_b - r_c^2 w_c sum_b G_bc raw_bc``, written once, no atomics.
+    The target cosines' gradient is then added in ``O(B x D)``: to ``dL/du`` and, accumulated, to the
+    target rows of ``dW`` (the torch path's :func:`~distrib_face.parallel.linear_lse.add_target_cosine_grad_`).
 
 Everything is deterministic (no atomics, fixed reduction order). Gradient filtering (``filter_eps``,
 off by default) skips a tile's two products in backward when every probability in it is below the
@@ -44,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from distrib_face.parallel.linear_lse import ChunkSpec
+from distrib_face.parallel.linear_lse import ChunkSpec, add_target_cosine_grad_
 from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 
 logger = logging.getLogger(__name__)
@@ -456,14 +460,18 @@ def check_supported(embeddings: Tensor, weight: Tensor, compute_dtype: torch.dty
     return None
 
 
-class TritonLinearMarginLogSumExp(torch.autograd.Function):
-    """Drop-in for :class:`~distrib_face.parallel.linear_lse.LinearMarginLogSumExp` on fused kernels.
+class TritonLinearNegativeLogSumExp(torch.autograd.Function):
+    """:class:`~distrib_face.parallel.linear_lse.LinearNegativeLogSumExp` on fused kernels.
 
-    ``apply(embeddings, weight, target_logits, target_col, scale, chunks, valid=None, options=None)``: the
-    same inputs and result (of the :class:`~distrib_face.parallel.linear_lse.ChunkSpec` ``chunks`` the matmul
-    dtype and the group are used; its chunk size is not: the kernels work in tiles), plus
-    :class:`KernelOptions`. One MAX and one SUM all-reduce of ``[B]``, as in
-    the torch path; no host synchronisation.
+    ``apply(embeddings, weight, target_cos, target_col, scale, chunks, valid=None, options=None)``:
+    ``(log sum over all ranks' non-target classes of exp(s cos_ij) [B], target cosines [B])``. As in the torch
+    Function, ``target_cos`` (float32, detached, 0 where the class is on another rank) is computed before the
+    margin's statistics and echoed as a differentiable output: the backward adds its gradient to ``dL/du``
+    and to the target rows of the kernels' ``dL/dW`` (an ``O(B x D)`` accumulate,
+    :func:`~distrib_face.parallel.linear_lse.add_target_cosine_grad_`), so the weights never get a second
+    dense gradient from an autograd gather. Of the :class:`~distrib_face.parallel.linear_lse.ChunkSpec`
+    ``chunks`` the matmul dtype and the group are used (the kernels work in tiles, not chunks), plus
+    :class:`KernelOptions`. One MAX and one SUM all-reduce of ``[B]``; no host synchronisation.
     """
 
     @staticmethod
@@ -471,19 +479,19 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
         saved: Any,
         embeddings: Tensor,
         weight: Tensor,
-        target_logits: Tensor,
+        target_cos: Tensor,
         target_col: Tensor,
         scale: float,
         chunks: ChunkSpec,
         valid: Tensor | None = None,
         options: KernelOptions | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         compute_dtype = chunks.compute_dtype
         reason = check_supported(embeddings, weight, compute_dtype)
         if reason is not None:
             raise ValueError(f"the triton classifier kernels cannot take {reason}")
-        if target_logits.dtype != torch.float32:
-            raise ValueError(f"the triton classifier kernels keep float32 statistics, got {target_logits.dtype}")
+        if target_cos.dtype != torch.float32:
+            raise ValueError(f"the triton classifier kernels keep float32 statistics, got {target_cos.dtype}")
         if valid is not None and valid.shape != (weight.shape[0],):
             raise ValueError(f"valid must be [{weight.shape[0]}] (one flag per weight row), got {tuple(valid.shape)}")
         options = options or KernelOptions()
@@ -500,25 +508,53 @@ class TritonLinearMarginLogSumExp(torch.autograd.Function):
             stats.merge(part_max, part_sum)
         else:  # nothing to launch; the collectives below still run on every rank
             inv_norm = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-        lse = stats.logsumexp(chunks.group, extra=target_logits)  # one MAX and one SUM all-reduce of [B]
-        saved.save_for_backward(x_unit, x_norm, x_mm, weight_c, inv_norm, target_logits, target_col, lse, valid_i8)
+        negative_lse = stats.logsumexp(chunks.group)  # [B]: one MAX and one SUM all-reduce; -inf: no negatives
+        saved.save_for_backward(x_unit, x_norm, x_mm, weight_c, inv_norm, target_cos, target_col, negative_lse,
+                                valid_i8)
         saved.scale, saved.options = float(scale), options
-        return lse
+        saved.set_materialize_grads(False)  # an unused target cosine (the drop-in below) costs nothing
+        return negative_lse, target_cos.clone()
 
     @staticmethod
-    def backward(saved: Any, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
-        x_unit, x_norm, x_mm, weight, inv_norm, target_logits, target_col, lse, valid = saved.saved_tensors
-        grad_lse = grad_lse.to(torch.float32).contiguous()
-        grad_target = grad_lse * torch.exp(target_logits - lse)
+    def backward(saved: Any, grad_lse: Tensor | None, grad_cos: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_unit, x_norm, x_mm, weight, inv_norm, target_cos, target_col, negative_lse, valid = saved.saved_tensors
         num_rows, num_cols = x_unit.shape[0], weight.shape[0]
         launch = num_rows > 0 and num_cols > 0
-        args = (x_mm, weight, target_col, valid, inv_norm, lse.contiguous(), grad_lse, saved.scale, saved.options)
-        grad_emb = grad_weight = None
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(negative_lse)
+        # The kernels take p = exp(logit - lse) g with the non-target lse and its gradient: the softmax over
+        # the negatives times dL/d negative_lse, which equals the full softmax times dL/d lse.
+        grad_lse = grad_lse.to(torch.float32).contiguous()
+        args = (x_mm, weight, target_col, valid, inv_norm, negative_lse.contiguous(), grad_lse, saved.scale,
+                saved.options)
+        grad_unit = grad_weight = None
         if saved.needs_input_grad[0]:
             grad_unit = fused_grad_embedding(*args) if launch else torch.zeros_like(x_unit)
-            # Through u = x / ||x||: (I - u u^T) g / ||x||.
-            grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
         if saved.needs_input_grad[1]:
             grad_weight = fused_grad_weight(*args) if launch else torch.zeros_like(weight)
-        return grad_emb, grad_weight, grad_target, None, None, None, None, None
+        if grad_cos is not None and launch:
+            add_target_cosine_grad_(grad_unit, grad_weight, x_unit, weight, inv_norm, target_cos, target_col,
+                                    grad_cos.to(torch.float32))
+        grad_emb = None
+        if grad_unit is not None:  # through u = x / ||x||: (I - u u^T) g / ||x||
+            grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
+        return grad_emb, grad_weight, None, None, None, None, None, None
 
+
+class TritonLinearMarginLogSumExp:
+    """Drop-in for :class:`~distrib_face.parallel.linear_lse.LinearMarginLogSumExp` on fused kernels.
+
+    ``apply(embeddings, weight, target_logits, target_col, scale, chunks, valid=None, options=None)``: the
+    same inputs and result, plus :class:`KernelOptions`. Built, as the torch one is, from
+    :class:`TritonLinearNegativeLogSumExp` (with no target cosines) and ``logaddexp`` with the target logits.
+    """
+
+    @staticmethod
+    def apply(embeddings: Tensor, weight: Tensor, target_logits: Tensor, target_col: Tensor, scale: float,
+              chunks: ChunkSpec, valid: Tensor | None = None, options: KernelOptions | None = None) -> Tensor:
+        if target_logits.dtype != torch.float32:
+            raise ValueError(f"the triton classifier kernels keep float32 statistics, got {target_logits.dtype}")
+        negative_lse, _ = TritonLinearNegativeLogSumExp.apply(
+            embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale, chunks, valid, options,
+        )
+        return torch.logaddexp(target_logits, negative_lse)
