@@ -131,3 +131,40 @@ def test_a_trainer_killed_with_sigkill_leaves_no_reader_alive(shards, tmp_path):
     finally:
         trainer.kill()
         trainer.wait(timeout=10)
+
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, os, time
+    from torch._inductor.async_compile import AsyncCompile
+    AsyncCompile.warm_pool()  # what model.compile starts on a GPU (on the CPU inductor compiles in-process)
+    AsyncCompile.process_pool()
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_compile_workers_do_not_outlive_a_killed_trainer(tmp_path):
+    """``model.compile: true`` on a GPU starts inductor's compile-worker pool; a SIGKILLed trainer must not leave
+    it behind (its worker reads the parent's pipe and exits on EOF). Two compile threads force the pool here."""
+    marker = f"DISTRIB_FACE_ORPHAN_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2", marker.split("=")[0]: marker.split("=")[1]}
+    script = tmp_path / "compile_trainer.py"
+    script.write_text(COMPILE_SCRIPT)
+    trainer = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = trainer.stdout.readline()
+        assert line, "the script failed before its compile pool started"
+        deadline = time.monotonic() + 30.0
+        while len(_survivors(marker)) < 2 and time.monotonic() < deadline:  # the trainer and its compile worker
+            time.sleep(0.2)
+        workers = [pid for pid in _survivors(marker) if pid != trainer.pid]
+        assert workers, "no compile worker started: the test would check nothing"
+        os.kill(trainer.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while _survivors(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _survivors(marker) == [], "compile workers outlived the SIGKILLed trainer"
+    finally:
+        trainer.kill()
+        trainer.wait(timeout=10)
