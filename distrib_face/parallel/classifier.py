@@ -631,6 +631,12 @@ class ShardedMarginClassifier(nn.Module):
         """Offload: land every pending row update in host memory (before reading the shard: checkpoints)."""
         self._finish_writeback()
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict`` after :meth:`flush`: whoever reads the shard (a checkpoint, its finiteness
+        check) sees the rows of the last step, not host rows still waiting for their offload write-back."""
+        self.flush()
+        return super().state_dict(*args, **kwargs)
+
     # ----------------------------------------------------------------------------------------------
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         """Mean margin-softmax loss over the global batch.

@@ -276,9 +276,10 @@ def save_checkpoint(
     barrier(ctx.group)
     # A node whose file system rank 0 does not see publishes its own copy, once: its first local rank (the
     # node's ranks share the folder, so two publishers there could remove each other's result).
-    if ctx.local_rank == 0 and tmp.exists() and not final.exists():
+    own_copy = ctx.local_rank == 0 and tmp.exists() and not final.exists()
+    if own_copy:
         _publish(root, tmp, final)
-    if ctx.local_rank == 0 and keep > 0:  # every node's copy (a shared folder: the same steps go)
+    if (ctx.rank == 0 or own_copy) and keep > 0:  # rank 0's folder, and each node's own copy: one pruner each
         _prune(root, keep)
     barrier(ctx.group)
     logger.info("rank %d: checkpoint %s written", ctx.rank, final)

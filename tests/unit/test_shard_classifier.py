@@ -224,6 +224,24 @@ def test_bf16_and_offloaded_shards_round_trip_through_checkpoints(tmp_path):
     assert torch.equal(wide.weight, src.weight.float())
 
 
+def test_state_dict_lands_pending_offload_writebacks_first():
+    """On CUDA the last step's rows reach host memory only at the next plan or at flush(); a reader of the shard
+    (a checkpoint and its finiteness check) must see them. Here the pending write-back a CUDA step leaves is
+    queued by hand (a stand-in for its event: the CPU path writes at once), holding a non-finite row."""
+
+    class _Done:
+        def synchronize(self) -> None:
+            pass
+
+    clf = ShardedMarginClassifier(10, 4, margin="cosface", sample_rate=1.0, offload="host")
+    rows = torch.tensor([3])
+    staged = torch.full((1, 4), float("nan"))
+    clf._pending_writeback.append((clf.weight.data, rows, staged, _Done()))
+    state = clf.state_dict()
+    assert torch.isnan(state["weight"][3]).all() and torch.isfinite(state["weight"][torch.arange(10) != 3]).all()
+    assert clf._pending_writeback == []
+
+
 def test_online_logsumexp_merges_partial_statistics():
     """Per-split (max, sum) partials, empty ones included, merge to the logsumexp of all columns."""
     from distrib_face.parallel.softmax_stats import OnlineLogSumExp
