@@ -77,7 +77,9 @@ def _kind(proc: object, root_pid: int, forkservers: set[int]) -> str:
         return "resource_tracker"
     if proc.pid == root_pid:  # type: ignore[attr-defined]
         return "launcher" if "torchrun" in cmdline else "main"
-    if " train " in f" {cmdline} " or "launch/train.py" in cmdline:
+    # a rank is the launcher's child; a child of a rank caught between its fork and its exec shows the rank's
+    # command line too (a fork server starting), and is not one
+    if parent == root_pid and (" train " in f" {cmdline} " or "launch/train.py" in cmdline):
         return "rank"
     return "other"
 
@@ -136,9 +138,10 @@ def measure_command(
                             times = member.cpu_times()
                     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                         continue
-                    if key not in kinds:
-                        kinds[key] = _kind(member, proc.pid, forkservers)
-                    kind = kinds[key]
+                    # every sample: a process seen between fork and exec is classified again once it has exec'd
+                    kind = kinds[key] = _kind(member, proc.pid, forkservers)
+                    if kind == "gone":
+                        continue
                     cpu[key] = times.user + times.system
                     total += rss
                     alive += 1

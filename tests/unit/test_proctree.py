@@ -34,3 +34,16 @@ def test_a_failing_or_slow_command_is_named_with_its_log(tmp_path):
     slow = measure_command([sys.executable, "-c", "import time; time.sleep(30)"], log_path=tmp_path / "slow.log",
                            timeout=1.0)
     assert slow.returncode != 0 and slow.wall_s < 15
+
+
+RANK = "import os, time; pid = os.fork(); time.sleep(1.0); os.waitpid(pid, 0) if pid else os._exit(0)"
+LAUNCHER = ("import subprocess, sys; sys.exit(subprocess.Popen([sys.executable, '-c', sys.argv[1], 'train', "
+            "'--config', 'x']).wait())")
+
+
+def test_a_rank_is_the_launchers_child_not_a_fork_of_it(tmp_path):
+    """A rank's forked child (a fork server between its fork and its exec) shows the rank's command line; it
+    is not counted as a second rank (bench scale saw 4 ranks of 3 that way)."""
+    usage = measure_command([sys.executable, "-c", LAUNCHER, RANK], log_path=tmp_path / "log", poll_interval=0.05)
+    assert usage.returncode == 0 and usage.max_processes == 3
+    assert usage.by_kind["rank"][0] == 1 and usage.by_kind["other"][0] == 1
