@@ -36,6 +36,7 @@ from distrib_face.parallel.collectives import (
 )
 from distrib_face.parallel.context import group_rank_and_size
 from distrib_face.parallel.kernels import (
+    TargetLogitsHolder,
     check_kernel,
     filter_threshold,
     linear_negative_logsumexp,
@@ -700,15 +701,19 @@ class ShardedMarginClassifier(nn.Module):
         ))
         mctx = MarginContext(feature_norms=norms, labels=labels, target_cos=cos_all, weight_norms=w_norms)
 
+        # The fused backward's filter tests the full softmax: it needs the target logits, known only below.
+        holder = TargetLogitsHolder() if fast and self.grad_filter is not None else None
         if fast:
             workspace = None if torch.compiler.is_compiling() else self._workspace
             negative_lse, cos_target = linear_negative_logsumexp(
                 kernel, embeddings, weight, cos_target, target_col, linear_scale, self.chunks, workspace,
-                grad_filter=self.grad_filter,
+                grad_filter=self.grad_filter, target_logits=holder,
             )
         # The owner of each row's class computes its target logit; the sum over ranks replicates it.
         target_local = torch.where(owned, self.margin.target_logit(cos_target, mctx).to(stat_dtype), 0.0)
         target_logits = all_reduce_sum_replicated_grad(target_local, self.group)  # [B]
+        if holder is not None:
+            holder.value = target_logits.detach().to(torch.float32)
         if fast:
             lse = torch.logaddexp(target_logits, negative_lse)
         else:

@@ -188,8 +188,13 @@ def test_gradient_filter_skips_exactly_the_tiles_below_the_threshold():
     blocks = dict(block_b=16, block_c=16, num_splits=3)
     exact = _run(Fused, emb, weight, target_logits, target_col, grad_out, None, KernelOptions(**blocks))
     zero = _run(Fused, emb, weight, target_logits, target_col, grad_out, None, KernelOptions(filter_eps=0.0, **blocks))
-    for got, want in zip(zero, exact):
-        assert torch.equal(got, want)  # a threshold of 0 keeps every tile
+    # A threshold of 0 keeps every tile. Filtering, the kernels get the full lse and the rescaled gradient
+    # (the same products to rounding): the embedding and weight gradients agree to float32 rounding.
+    for name, got, want in zip(NAMES, zero, exact):
+        if name in ("d embeddings", "d weight"):
+            assert _rel(got, want) < 1e-6, name
+        else:
+            assert torch.equal(got, want), name
     everything = _run(Fused, emb, weight, target_logits, target_col, grad_out, None,
                       KernelOptions(filter_eps=1.0, **blocks))
     assert torch.equal(everything[0], exact[0])  # the forward is never filtered
@@ -224,6 +229,123 @@ def test_gradient_filter_skips_exactly_the_tiles_below_the_threshold():
     assert skipped == pytest.approx(1.0 - float((tiles >= eps).float().mean()))
     assert _rel(exact[1].double() - filtered[1].double(), drop_emb) < 1e-3
     assert _rel(exact[2].double() - filtered[2].double(), drop_w) < 1e-3
+
+
+def _negative_logits(emb, weight, target_col, scale=SCALE):
+    """Float64 ``[B, C]`` ``s cos`` with each row's target column at ``-inf``."""
+    logits = scale * F.normalize(emb.double(), dim=1) @ F.normalize(weight.double(), dim=1).t()
+    here = target_col >= 0
+    logits[torch.arange(len(target_col))[here], target_col[here]] = float("-inf")
+    return logits
+
+
+def _threshold_between_tiles(probs: torch.Tensor, tile: int = 16) -> float:
+    """A threshold that skips a third to two thirds of the ``tile x tile`` tiles, in the widest gap there
+    between two tiles' max probabilities (float32 rounding cannot move a tile across it)."""
+    tiles = F.max_pool2d(F.pad(probs, (0, (-probs.shape[1]) % tile, 0, (-probs.shape[0]) % tile))[None], tile)[0]
+    ordered = tiles.flatten().sort().values
+    lo, hi = len(ordered) // 3, 2 * len(ordered) // 3
+    gaps = ordered[lo + 1: hi + 1] / ordered[lo:hi]
+    k = lo + int(gaps.argmax())
+    assert float(gaps.max()) > 1.01
+    return float((ordered[k] * ordered[k + 1]).sqrt())
+
+
+def test_gradient_filter_tests_the_full_softmax_once_the_target_logits_are_handed_over():
+    """Dominant targets (p_target > 0.997, the loss ~1e-3): with the target logits in the holder the filtered
+    backward drops exactly what filter_study's accounting with the FULL lse says (docs/classifier.md); with
+    the holder left empty it tests the negatives' softmax, which here skips far fewer tiles: that is the
+    accounting with the non-target lse, and not the documented one."""
+    from distrib_face.parallel.kernels import TargetLogitsHolder
+    from distrib_face.parallel.kernels.filter_study import dropped_gradients
+
+    emb, weight, _, target_col, grad_out, _ = _inputs(6)
+    logits = _negative_logits(emb, weight, target_col)  # [B, C] float64
+    negative_lse = torch.logsumexp(logits, dim=1)
+    gen = torch.Generator().manual_seed(6)
+    target_logits = (negative_lse + 6.0 + 4.0 * torch.rand(B, generator=gen, dtype=torch.float64)).float()
+    full_lse = torch.logaddexp(negative_lse, target_logits.double())
+    eps = _threshold_between_tiles(torch.exp(logits - full_lse[:, None]))
+    blocks = dict(block_b=16, block_c=16, num_splits=3)
+
+    def run(options, handed_over):
+        e, w = emb.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        holder = TargetLogitsHolder()
+        neg, _ = triton_lse.TritonLinearNegativeLogSumExp.apply(
+            e, w, torch.zeros(B), target_col, SCALE, ChunkSpec(64), None, options, holder)
+        if handed_over:
+            holder.value = target_logits
+        (torch.logaddexp(target_logits, neg) * grad_out).sum().backward()
+        return neg.detach(), e.grad.double(), w.grad.double()
+
+    neg, exact_emb, exact_w = run(KernelOptions(**blocks), True)
+    assert _rel(neg, negative_lse) < 1e-5
+    assert torch.equal(run(KernelOptions(**blocks), False)[1], exact_emb)  # no filter: the holder is unused
+    _, full_emb, full_w = run(KernelOptions(filter_eps=eps, **blocks), True)
+    drop_emb, drop_w, skipped = dropped_gradients(emb.double(), weight.double(), target_col, full_lse,
+                                                  grad_out.double(), SCALE, eps, 16, 16)
+    assert 0.3 < skipped < 0.7
+    assert _rel(exact_emb - full_emb, drop_emb) < 1e-3
+    assert _rel(exact_w - full_w, drop_w) < 1e-3
+    # Empty holder: the negatives' softmax p / (1 - p_target) is tested (the non-target lse and its gradient).
+    _, neg_emb, neg_w = run(KernelOptions(filter_eps=eps, **blocks), False)
+    grad_negative = grad_out.double() * torch.exp(negative_lse - full_lse)  # dL / d negative_lse
+    drop_emb_n, drop_w_n, skipped_n = dropped_gradients(emb.double(), weight.double(), target_col, negative_lse,
+                                                        grad_negative, SCALE, eps, 16, 16)
+    assert skipped_n < skipped / 2
+    assert _rel(exact_emb - neg_emb, drop_emb_n) < 1e-3
+    assert _rel(exact_w - neg_w, drop_w_n) < 1e-3
+    assert _rel(exact_emb - neg_emb, drop_emb) > 0.1
+    assert _rel(exact_w - neg_w, drop_w) > 0.1
+    # A threshold of 0 keeps every tile: the rescaled pair gives the exact gradient.
+    _, zero_emb, zero_w = run(KernelOptions(filter_eps=0.0, **blocks), True)
+    assert _rel(zero_emb, exact_emb) < 1e-5 and _rel(zero_w, exact_w) < 1e-5
+    # Rows without any negative (one valid column, their own target): a zero pair, no NaN.
+    col = int(target_col[1])
+    valid = torch.zeros(C, dtype=torch.bool)
+    valid[col] = True
+    e, w = emb.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    holder = TargetLogitsHolder()
+    neg, _ = triton_lse.TritonLinearNegativeLogSumExp.apply(
+        e, w, torch.zeros(B), target_col, SCALE, ChunkSpec(64), valid, KernelOptions(filter_eps=0.0, **blocks),
+        holder)
+    holder.value = target_logits
+    (torch.logaddexp(target_logits, neg) * grad_out).sum().backward()
+    alone = target_col == col
+    assert bool((neg[alone] == float("-inf")).all()) and bool(torch.isfinite(neg[~alone]).all())
+    assert bool(torch.isfinite(e.grad).all()) and bool(torch.isfinite(w.grad).all())
+    assert torch.count_nonzero(e.grad[alone]) == 0 and torch.count_nonzero(w.grad[~valid]) == 0
+
+
+def test_classifier_hands_its_target_logits_to_the_filter():
+    """Through the classifier (cosface, its margin applied outside the kernels), embeddings near their class
+    centre: the filtered gradients are the exact ones less filter_study's full-softmax accounting."""
+    from distrib_face.parallel.kernels.filter_study import dropped_gradients
+
+    gen = torch.Generator().manual_seed(12)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    exact_clf = ShardedMarginClassifier(C, D, margin="cosface", seed=3, chunk_size=50, kernel="triton")
+    weight = exact_clf.weight.detach().clone()
+    emb = F.normalize(weight[labels], dim=1) * 3.0 + 0.1 * torch.randn(B, D, generator=gen)  # cos ~0.98
+    logits = _negative_logits(emb, weight, labels, scale=64.0)  # cosface: s = 64, m = 0.4
+    cos_t = (F.normalize(emb.double(), dim=1) * F.normalize(weight[labels].double(), dim=1)).sum(1)
+    full_lse = torch.logaddexp(torch.logsumexp(logits, dim=1), 64.0 * (cos_t - 0.4))
+    eps = _threshold_between_tiles(torch.exp(logits - full_lse[:, None]))
+    filtered_clf = ShardedMarginClassifier(C, D, margin="cosface", seed=3, chunk_size=50, kernel="triton",
+                                           grad_filter=eps)
+    assert torch.equal(filtered_clf.weight, exact_clf.weight)
+    grads = {}
+    for name, clf in (("exact", exact_clf), ("filtered", filtered_clf)):
+        local = emb.clone().requires_grad_(True)
+        loss = clf(local, labels)
+        loss.backward()
+        assert float(loss.detach()) < 0.05  # the targets dominate
+        grads[name] = (local.grad.double(), clf.active_rows()[1].grad.double())
+    drop_emb, drop_w, skipped = dropped_gradients(emb.double(), weight.double(), labels, full_lse,
+                                                  torch.full((B,), 1.0 / B, dtype=torch.float64), 64.0, eps, 16, 16)
+    assert 0.3 < skipped < 0.7
+    assert _rel(grads["exact"][0] - grads["filtered"][0], drop_emb) < 1e-3
+    assert _rel(grads["exact"][1] - grads["filtered"][1], drop_w) < 1e-3
 
 
 @pytest.mark.parametrize("margin", ["cosface", "arcface"])

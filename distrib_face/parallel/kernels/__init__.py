@@ -20,6 +20,7 @@ import functools
 import importlib
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +36,20 @@ from distrib_face.parallel.linear_lse import (
 logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "torch", "triton")
+
+
+@dataclass
+class TargetLogitsHolder:
+    """The target logits ``[B]`` (float32, detached, after the margin), filled once the caller has them.
+
+    The fused Function returns the non-target log-sum-exp before the margin gives the target logits; its
+    backward needs them only for the gradient filter, which tests the full softmax
+    (``exp(logit - logaddexp(negative_lse, target_logits))``). The caller passes an empty holder to the
+    forward and sets :attr:`value` before ``backward``; left ``None``, the filter tests the negatives'
+    softmax instead (stricter: it keeps every tile the full test keeps).
+    """
+
+    value: Tensor | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,13 +171,16 @@ def linear_negative_logsumexp(
     workspace: Workspace | None = None,
     valid: Tensor | None = None,
     grad_filter: float | str | None = None,
+    target_logits: TargetLogitsHolder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(non-target log-sum-exp [B], target cosines [B])`` by ``kernel``, the target cosines' gradient owned.
 
     The arguments are those of :class:`~distrib_face.parallel.linear_lse.LinearNegativeLogSumExp` (the
     ``workspace`` serves the torch path only) plus ``grad_filter`` (the fused backward's tile filter; the
-    torch path is always exact and ignores it). Either way the target cosines (computed without autograd)
-    are echoed and their gradient reaches the embeddings and the target rows inside the Function.
+    torch path is always exact and ignores it) and ``target_logits``, a :class:`TargetLogitsHolder` the
+    caller fills before ``backward`` so that the filter tests the full softmax (fused path only). Either
+    way the target cosines (computed without autograd) are echoed and their gradient reaches the
+    embeddings and the target rows inside the Function.
     """
     if resolve_kernel(kernel, embeddings, weight, chunks.compute_dtype) == "torch":
         return LinearNegativeLogSumExp.apply(embeddings, weight, target_cos, target_col, scale, chunks, workspace,
@@ -170,5 +188,5 @@ def linear_negative_logsumexp(
     kernels = _kernels()
     options = kernels.KernelOptions(filter_eps=filter_threshold(grad_filter, chunks.compute_dtype))
     return kernels.TritonLinearNegativeLogSumExp.apply(
-        embeddings, weight, target_cos, target_col, scale, chunks, valid, options
+        embeddings, weight, target_cos, target_col, scale, chunks, valid, options, target_logits
     )

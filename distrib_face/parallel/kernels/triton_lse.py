@@ -26,7 +26,9 @@ backward, two kernels that recompute ``raw`` tile by tile from the saved ``[B]``
 
 Everything is deterministic (no atomics, fixed reduction order). Gradient filtering (``filter_eps``,
 off by default) skips a tile's two products in backward when every probability in it is below the
-threshold, as Cut Cross-Entropy does; its effect is measured in docs/classifier.md.
+threshold, as Cut Cross-Entropy does; its effect is measured in docs/classifier.md. The probability tested
+is the one of the ``lse`` the backward kernels get: the Function passes the full log-sum-exp (target
+included) when the target logits are known (:class:`~distrib_face.parallel.kernels.TargetLogitsHolder`).
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors, which
 is how the project's tests check them. The interpreter stores bfloat16 as integers and multiplies the bit
@@ -48,6 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from distrib_face.parallel.kernels import TargetLogitsHolder
 from distrib_face.parallel.linear_lse import ChunkSpec, add_target_cosine_grad_
 from distrib_face.parallel.softmax_stats import OnlineLogSumExp
 
@@ -442,6 +445,34 @@ def fused_grad_weight(
 # ------------------------------------------------------------------------------------------------------
 # The autograd Function
 # ------------------------------------------------------------------------------------------------------
+def _backward_statistics(negative_lse: Tensor, grad_lse: Tensor, options: KernelOptions,
+                          target_logits: TargetLogitsHolder | None) -> tuple[Tensor, Tensor]:
+    """The ``(lse, dL/d lse)`` ``[B]`` float32 pair the backward kernels get.
+
+    The kernels form ``p g`` with ``p = exp(logit - lse)``. The non-target lse with its gradient gives the
+    exact gradient (the negatives' softmax times ``dL/d negative_lse`` equals the full softmax times
+    ``dL/d lse``), but the filter would then test the negatives' softmax. When filtering and the target
+    logits are known, the full ``lse = logaddexp(negative_lse, target)`` goes in with the gradient rescaled by
+    ``exp(lse - negative_lse) = 1 / (1 - p_target)``: the same products, and the filter tests the full
+    softmax (docs/classifier.md, "Gradient filtering"). Rows without negatives (``negative_lse = -inf``) get
+    a zero gradient; a row whose rescale overflows float32 keeps the non-target pair (exact, stricter test).
+    """
+    negative_lse = negative_lse.contiguous()
+    if options.filter_eps is None or target_logits is None or target_logits.value is None:
+        return negative_lse, grad_lse
+    target = target_logits.value.detach().to(torch.float32)
+    if target.shape != negative_lse.shape:
+        raise ValueError(f"TargetLogitsHolder.value must be [{negative_lse.shape[0]}] (one target logit per row), "
+                         f"got {tuple(target.shape)}")
+    full_lse = torch.logaddexp(negative_lse, target)  # [B]
+    rescaled = grad_lse * torch.exp(full_lse - negative_lse)  # inf / NaN where negative_lse = -inf
+    finite = torch.isfinite(rescaled)
+    no_negatives = negative_lse == float("-inf")
+    lse = torch.where(finite | no_negatives, full_lse, negative_lse)
+    grad = torch.where(finite, rescaled, torch.where(no_negatives, 0.0, grad_lse))
+    return lse.contiguous(), grad.contiguous()
+
+
 def check_supported(embeddings: Tensor, weight: Tensor, compute_dtype: torch.dtype | None) -> str | None:
     """Why the fused kernels cannot take these inputs, or ``None`` when they can."""
     if weight.dtype not in _TL_DTYPES:
@@ -463,15 +494,18 @@ def check_supported(embeddings: Tensor, weight: Tensor, compute_dtype: torch.dty
 class TritonLinearNegativeLogSumExp(torch.autograd.Function):
     """:class:`~distrib_face.parallel.linear_lse.LinearNegativeLogSumExp` on fused kernels.
 
-    ``apply(embeddings, weight, target_cos, target_col, scale, chunks, valid=None, options=None)``:
-    ``(log sum over all ranks' non-target classes of exp(s cos_ij) [B], target cosines [B])``. As in the torch
-    Function, ``target_cos`` (float32, detached, 0 where the class is on another rank) is computed before the
-    margin's statistics and echoed as a differentiable output: the backward adds its gradient to ``dL/du``
-    and to the target rows of the kernels' ``dL/dW`` (an ``O(B x D)`` accumulate,
+    ``apply(embeddings, weight, target_cos, target_col, scale, chunks, valid=None, options=None,
+    target_logits=None)``: ``(log sum over all ranks' non-target classes of exp(s cos_ij) [B], target cosines
+    [B])``. As in the torch Function, ``target_cos`` (float32, detached, 0 where the class is on another
+    rank) is computed before the margin's statistics and echoed as a differentiable output: the backward
+    adds its gradient to ``dL/du`` and to the target rows of the kernels' ``dL/dW`` (an ``O(B x D)`` accumulate,
     :func:`~distrib_face.parallel.linear_lse.add_target_cosine_grad_`), so the weights never get a second
     dense gradient from an autograd gather. Of the :class:`~distrib_face.parallel.linear_lse.ChunkSpec`
     ``chunks`` the matmul dtype and the group are used (the kernels work in tiles, not chunks), plus
     :class:`KernelOptions`. One MAX and one SUM all-reduce of ``[B]``; no host synchronisation.
+    ``target_logits``, a :class:`~distrib_face.parallel.kernels.TargetLogitsHolder` the caller fills after
+    the forward (the logits the loss's ``logaddexp`` takes), lets the gradient filter test the full softmax;
+    unused without a filter.
     """
 
     @staticmethod
@@ -485,6 +519,7 @@ class TritonLinearNegativeLogSumExp(torch.autograd.Function):
         chunks: ChunkSpec,
         valid: Tensor | None = None,
         options: KernelOptions | None = None,
+        target_logits: TargetLogitsHolder | None = None,
     ) -> tuple[Tensor, Tensor]:
         compute_dtype = chunks.compute_dtype
         reason = check_supported(embeddings, weight, compute_dtype)
@@ -511,7 +546,7 @@ class TritonLinearNegativeLogSumExp(torch.autograd.Function):
         negative_lse = stats.logsumexp(chunks.group)  # [B]: one MAX and one SUM all-reduce; -inf: no negatives
         saved.save_for_backward(x_unit, x_norm, x_mm, weight_c, inv_norm, target_cos, target_col, negative_lse,
                                 valid_i8)
-        saved.scale, saved.options = float(scale), options
+        saved.scale, saved.options, saved.target_logits = float(scale), options, target_logits
         saved.set_materialize_grads(False)  # an unused target cosine (the drop-in below) costs nothing
         return negative_lse, target_cos.clone()
 
@@ -522,11 +557,9 @@ class TritonLinearNegativeLogSumExp(torch.autograd.Function):
         launch = num_rows > 0 and num_cols > 0
         if grad_lse is None:
             grad_lse = torch.zeros_like(negative_lse)
-        # The kernels take p = exp(logit - lse) g with the non-target lse and its gradient: the softmax over
-        # the negatives times dL/d negative_lse, which equals the full softmax times dL/d lse.
-        grad_lse = grad_lse.to(torch.float32).contiguous()
-        args = (x_mm, weight, target_col, valid, inv_norm, negative_lse.contiguous(), grad_lse, saved.scale,
-                saved.options)
+        lse, grad_lse = _backward_statistics(negative_lse, grad_lse.to(torch.float32).contiguous(), saved.options,
+                                             saved.target_logits)
+        args = (x_mm, weight, target_col, valid, inv_norm, lse, grad_lse, saved.scale, saved.options)
         grad_unit = grad_weight = None
         if saved.needs_input_grad[0]:
             grad_unit = fused_grad_embedding(*args) if launch else torch.zeros_like(x_unit)
@@ -538,7 +571,7 @@ class TritonLinearNegativeLogSumExp(torch.autograd.Function):
         grad_emb = None
         if grad_unit is not None:  # through u = x / ||x||: (I - u u^T) g / ||x||
             grad_emb = (grad_unit - x_unit * (grad_unit * x_unit).sum(dim=1, keepdim=True)) / x_norm
-        return grad_emb, grad_weight, None, None, None, None, None, None
+        return grad_emb, grad_weight, None, None, None, None, None, None, None
 
 
 class TritonLinearMarginLogSumExp:
@@ -546,7 +579,8 @@ class TritonLinearMarginLogSumExp:
 
     ``apply(embeddings, weight, target_logits, target_col, scale, chunks, valid=None, options=None)``: the
     same inputs and result, plus :class:`KernelOptions`. Built, as the torch one is, from
-    :class:`TritonLinearNegativeLogSumExp` (with no target cosines) and ``logaddexp`` with the target logits.
+    :class:`TritonLinearNegativeLogSumExp` (with no target cosines) and ``logaddexp`` with the target logits,
+    which it also hands to the backward (a filled holder: the gradient filter tests the full softmax).
     """
 
     @staticmethod
@@ -556,5 +590,6 @@ class TritonLinearMarginLogSumExp:
             raise ValueError(f"the triton classifier kernels keep float32 statistics, got {target_logits.dtype}")
         negative_lse, _ = TritonLinearNegativeLogSumExp.apply(
             embeddings, weight, torch.zeros_like(target_logits.detach()), target_col, scale, chunks, valid, options,
+            TargetLogitsHolder(target_logits.detach()),
         )
         return torch.logaddexp(target_logits, negative_lse)
