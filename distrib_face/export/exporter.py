@@ -14,12 +14,16 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from distrib_face.atomic import atomic_path
 from distrib_face.models.io import BackboneFileError, load_backbone, read_backbone_file
+
+if TYPE_CHECKING:  # onnx is imported where it is used (an optional import at run time)
+    import onnx
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +193,7 @@ def export_onnx(
     return path
 
 
-def _warn_if_insightface_misreads(proto: "onnx.ModelProto", path: Path) -> None:
+def _warn_if_insightface_misreads(proto: onnx.ModelProto, path: Path) -> None:
     # insightface's ArcFaceONNX takes a graph whose first eight nodes include both a Sub* / _minus* and a
     # Mul* / _mul* node for an MXNet model that normalises internally, and then feeds raw 0..255 pixels.
     names = [node.name for node in proto.graph.node[:8]]
